@@ -1,0 +1,2 @@
+"""The boundary between training and serving: ONNX export and parity, the model registry, and the
+onnxruntime session factory. Only ``export.onnx_export`` imports TensorFlow (lazily)."""

@@ -1,0 +1,221 @@
+"""Versioned model registry on a filesystem: ``<root>/<version>/`` + an atomically switched ``current``.
+
+Layout::
+
+    registry/
+      v0001/ model.onnx  [model.fp16.onnx]  [keras/...]  manifest.json
+      current            one line: the serving version (write tmp, fsync, rename)
+      promotions.jsonl   every promote / rollback, newest last
+      decisions.jsonl    the trainer's gate decisions
+
+A version directory is built under a temporary name and renamed into place only when complete, so
+a crash never leaves a half-written version visible. Loading re-hashes every file listed in the
+manifest and refuses any mismatch. No pickle: ONNX, JSON and Keras files only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from export.errors import UsageError
+
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+Task = Literal["classify", "regress", "forecast", "logkeys"]
+
+
+class RegistryError(RuntimeError):
+    """The registry is missing, empty, or a version failed verification."""
+
+
+class Scaler(BaseModel):
+    """Standardisation fitted on training rows: ``(x - mean) / std``, applied with numpy when serving."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class Thresholds(BaseModel):
+    """Alert policy figures, in the units of the model's score."""
+
+    alert: float = Field(description="open an alert at or above this score")
+    close: float = Field(description="close an open alert below this score (hysteresis)")
+    critical: float | None = Field(default=None, description="severity 'critical' at or above this score")
+    method: str = Field(default="", description="how the threshold was chosen")
+
+
+class Manifest(BaseModel):
+    version: str
+    created: str
+    task: Task
+    feature_names: list[str]
+    window: int = 100
+    scaler: Scaler | None = None
+    thresholds: Thresholds | None = None
+    calibration: dict[str, float] = Field(default_factory=dict, description="score -> z: mean and std on normal validation data")
+    members: list[str] = Field(default_factory=list)
+    inputs: dict[str, list[Any]] = Field(default_factory=dict, description="ONNX input names and shapes")
+    outputs: list[str] = Field(default_factory=list)
+    parity: dict[str, float] = Field(default_factory=dict, description="max |ONNX - TF| per file")
+    data_fingerprint: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict, description="task-specific settings (logkeys: vocabulary, h, top_g)")
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256, every file but the manifest")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: readers see the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Registry:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: int(VERSION_RE.match(v).group(1)))
+
+    def current_version(self) -> str | None:
+        try:
+            version = (self.root / "current").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.root / version / "manifest.json"
+        if not path.exists():
+            raise RegistryError(f"version {version} not found in {self.root}")
+        return Manifest.model_validate_json(path.read_text())
+
+    def verify(self, version: str) -> Manifest:
+        """Re-hash every file of a version against its manifest; raise on any mismatch."""
+        manifest = self.manifest(version)
+        vdir = self.root / version
+        for rel, expected in manifest.files.items():
+            path = vdir / rel
+            if not path.exists():
+                raise RegistryError(f"{version}: {rel} listed in the manifest is missing")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise RegistryError(f"{version}: {rel} failed its sha256 check (manifest {expected[:12]}…, "
+                                    f"file {actual[:12]}…): refusing to load a modified model")
+        return manifest
+
+    def resolve(self, version: str | None = None) -> tuple[Path, Manifest]:
+        """The verified directory and manifest of ``version`` (default: ``current``)."""
+        if version is None:
+            if not self.root.is_dir():
+                raise UsageError(f"no model registry at {self.root}: train one with `fabwatch train`")
+            version = self.current_version()
+            if version is None:
+                raise UsageError(f"registry {self.root} has no current version: promote one first")
+        return self.root / version, self.verify(version)
+
+    # ---- writing ---------------------------------------------------------------------------
+    def stage(self) -> Path:
+        """A fresh temporary directory inside the registry to build a version in."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, staging: Path, manifest: Manifest) -> str:
+        """Hash the staged files, write the manifest, and rename the directory to the next version."""
+        files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != "manifest.json")
+        manifest.files = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+        for p in files:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        while True:
+            numbers = [int(VERSION_RE.match(v).group(1)) for v in self.versions()]
+            version = f"v{(max(numbers) + 1 if numbers else 1):04d}"
+            manifest.version = version
+            manifest.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            atomic_write_text(staging / "manifest.json", manifest.model_dump_json(indent=2))
+            _fsync_dir(staging)
+            try:
+                os.rename(staging, self.root / version)  # fails if another writer took the number
+            except OSError:
+                if (self.root / version).exists():
+                    continue
+                raise
+            _fsync_dir(self.root)
+            return version
+
+    def promote(self, version: str, action: Literal["promoted", "rolled_back"] = "promoted") -> Manifest:
+        """Verify ``version`` and make it ``current`` atomically."""
+        manifest = self.verify(version)
+        previous = self.current_version()
+        atomic_write_text(self.root / "current", version + "\n")
+        _append_jsonl(self.root / "promotions.jsonl", {"ts": time.time(), "action": action, "version": version,
+                                                      "previous": previous})
+        return manifest
+
+    def rollback(self) -> Manifest:
+        """Return to the version that was serving before the current one."""
+        current = self.current_version()
+        history = self.promotion_history()
+        # the latest promotion (not rollback) that made ``current`` serve names what served before it
+        for record in reversed(history):
+            if record["action"] == "promoted" and record["version"] == current and record.get("previous"):
+                return self.promote(record["previous"], action="rolled_back")
+        raise UsageError(f"nothing to roll back to: {current} has no earlier serving version recorded")
+
+    def promotion_history(self) -> list[dict]:
+        path = self.root / "promotions.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def record_decision(self, record: dict) -> None:
+        _append_jsonl(self.root / "decisions.jsonl", {"ts": time.time(), **record})
+
+    def remove_stale_staging(self, older_than_s: float = 3600.0) -> None:
+        """Delete staging directories left behind by a crashed writer."""
+        for p in self.root.glob(".staging-*"):
+            if time.time() - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)

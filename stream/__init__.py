@@ -1,0 +1,1 @@
+"""fabwatch serving side: everything that touches Kafka at run time. Never imports TensorFlow."""

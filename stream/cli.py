@@ -1,0 +1,149 @@
+"""The ``fabwatch`` command line. Each area registers its commands here; heavy imports (TensorFlow,
+onnxruntime) happen inside the commands so ``fabwatch --help`` stays fast and serving needs no TF."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from export.errors import UsageError
+from stream.config import Settings
+
+app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+broker_app = typer.Typer(help="Local single-node Apache Kafka (KRaft), data under .fabwatch/.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print numbers with the machine and the command.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(bench_app, name="bench")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
+                                                     "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
+
+
+def settings_for(bootstrap: str | None = None) -> Settings:
+    settings = Settings()
+    if bootstrap:
+        settings.bootstrap = bootstrap
+    return settings
+
+
+def emit(data: dict, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
+
+
+# ---- broker ---------------------------------------------------------------------------------------
+
+@broker_app.command("up")
+def broker_up(as_json: JsonFlag = False) -> None:
+    """Start the local broker (fetching its jars once); a no-op when it already runs."""
+    from stream.broker import LocalBroker
+
+    broker = LocalBroker(Settings().home)
+    if not as_json:
+        typer.echo("starting the local Kafka broker (the first run fetches its jars with Maven)...", err=True)
+    state, started = broker.up()
+    emit({"bootstrap": state.bootstrap, "pid": state.pid, "started": started}, as_json,
+         f"Kafka broker {'started' if started else 'already running'} at {state.bootstrap} (pid {state.pid})")
+
+
+@broker_app.command("down")
+def broker_down(as_json: JsonFlag = False) -> None:
+    """Stop the local broker (SIGTERM, then SIGKILL after a timeout)."""
+    from stream.broker import LocalBroker
+
+    stopped = LocalBroker(Settings().home).down()
+    emit({"stopped": stopped}, as_json, "Kafka broker stopped" if stopped else "no local Kafka broker was running")
+
+
+@broker_app.command("status")
+def broker_status(as_json: JsonFlag = False) -> None:
+    """Bootstrap address and health of the local broker; exit 1 when none is running."""
+    from stream.broker import LocalBroker
+
+    status = LocalBroker(Settings().home).status()
+    human = (f"running at {status['bootstrap']} (pid {status['pid']}), healthy={status['healthy']}"
+             if status["running"] else "not running")
+    emit(status, as_json, human)
+    if not status["healthy"]:
+        raise typer.Exit(1)
+
+
+# ---- topics and schemas ---------------------------------------------------------------------------
+
+@app.command("topics")
+def topics(bootstrap: BootstrapOpt = None,
+           partitions: Annotated[Optional[int], typer.Option(help="partitions for new topics")] = None,
+           as_json: JsonFlag = False) -> None:
+    """Create fabwatch's topics (idempotent)."""
+    from stream.topics import ensure_topics
+
+    result = ensure_topics(settings_for(bootstrap), partitions=partitions)
+    emit(result, as_json, "\n".join(f"{t}: {s}" for t, s in result.items()))
+
+
+@app.command("schemas")
+def schemas(out: Annotated[Path, typer.Option("--out", help="directory for the JSON Schemas")] = Path("deploy/schemas")) -> None:
+    """Write the JSON Schema of every message to OUT."""
+    from stream.schemas import MESSAGE_MODELS
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in MESSAGE_MODELS.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+    typer.echo(f"wrote {len(MESSAGE_MODELS)} schemas to {out}")
+
+
+# ---- benchmarks -----------------------------------------------------------------------------------
+
+@bench_app.command("kafka")
+def bench_kafka(bootstrap: BootstrapOpt = None,
+                messages: Annotated[int, typer.Option(help="messages to produce and consume")] = 200_000,
+                as_json: JsonFlag = False) -> None:
+    """Raw produce and consume rates of 200-byte JSON readings: the baseline for the processor."""
+    from stream.bench import kafka_baseline
+
+    result = kafka_baseline(settings_for(bootstrap), messages=messages)
+    emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def _register_areas() -> None:
+    """Each area owns its commands in its own module (imports stay light: no TensorFlow here)."""
+    from models.cli import register as register_models
+    from stream.logs_cli import register as register_logs
+    from stream.serve_cli import register as register_serve
+
+    for register in (register_models, register_serve, register_logs):
+        register(app, bench_app)
+
+
+_register_areas()
+
+
+def main() -> None:
+    """Console entry point: exit 2 with one line for bad usage or input, 1 for anything else."""
+    try:
+        app(standalone_mode=False)
+    except UsageError as exc:
+        typer.echo(f"fabwatch: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors carry exit code 2
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        typer.echo(f"fabwatch: error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

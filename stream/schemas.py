@@ -1,0 +1,197 @@
+"""Wire messages (JSON) and the reading decoder that turns raw bytes into a feature vector or a reason.
+
+Every rejection carries a machine-readable reason code (``RejectReason``) that ends up on the DLQ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Sequence
+
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
+
+
+class RejectReason(StrEnum):
+    bad_json = "bad_json"
+    schema = "schema"
+    bad_timestamp = "bad_timestamp"
+    non_finite = "non_finite"
+    wrong_width = "wrong_width"
+    unknown_feature = "unknown_feature"
+    missing_feature = "missing_feature"
+    too_large = "too_large"
+    late = "late"
+
+
+Number = StrictInt | StrictFloat  # "1.5" (a string) is a schema error, not a number
+
+
+def parse_timestamp_ms(value: Any) -> int:
+    """Epoch milliseconds (number) or ISO-8601 (string; naive means UTC) -> epoch ms."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601, got a boolean")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise PydanticCustomError("bad_timestamp", "timestamp must be a finite, non-negative epoch ms")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise PydanticCustomError("bad_timestamp", "timestamp string is not ISO-8601: {value}", {"value": value[:64]})
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return int(dt.timestamp() * 1000)
+    raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601")
+
+
+class Reading(BaseModel):
+    """One sensor reading. Either ``values`` (in the model's feature order) or ``features`` (by name)."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    entity: Annotated[str, Field(min_length=1, max_length=256)]
+    ts: int = Field(description="epoch milliseconds (ISO-8601 accepted on input)")
+    values: list[Annotated[Number, Field(allow_inf_nan=False)]] | None = None
+    features: dict[str, Annotated[Number, Field(allow_inf_nan=False)]] | None = None
+    label: Literal[0, 1] | None = None
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> int:
+        return parse_timestamp_ms(v)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "Reading":
+        if (self.values is None) == (self.features is None):
+            raise PydanticCustomError("schema", "a reading needs exactly one of 'values' or 'features'")
+        return self
+
+
+class Rejected(Exception):
+    """A message that cannot be scored, with its reason code and a human-readable detail."""
+
+    def __init__(self, reason: RejectReason, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_ERROR_REASONS = {
+    "json_invalid": RejectReason.bad_json,
+    "finite_number": RejectReason.non_finite,
+    "bad_timestamp": RejectReason.bad_timestamp,
+}
+
+
+def _reason_of(err: ValidationError) -> tuple[RejectReason, str]:
+    first = err.errors(include_url=False)[0]
+    reason = _ERROR_REASONS.get(first["type"], RejectReason.schema)
+    where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+    return reason, f"{where}: {first['msg']}"
+
+
+class ReadingDecoder:
+    """Decode raw Kafka values into (reading, float32 vector) in the serving model's feature order."""
+
+    def __init__(self, feature_names: Sequence[str], max_bytes: int = 1_000_000):
+        self.feature_names = list(feature_names)
+        self.index = {name: i for i, name in enumerate(self.feature_names)}
+        self.max_bytes = max_bytes
+
+    def decode(self, raw: bytes | None) -> tuple[Reading, np.ndarray]:
+        if raw is None:
+            raise Rejected(RejectReason.bad_json, "empty message (null value)")
+        if len(raw) > self.max_bytes:
+            raise Rejected(RejectReason.too_large, f"{len(raw)} bytes exceeds the {self.max_bytes}-byte limit")
+        try:
+            reading = Reading.model_validate_json(raw)
+        except ValidationError as err:
+            raise Rejected(*_reason_of(err)) from None
+        return reading, self.vector(reading)
+
+    def vector(self, reading: Reading) -> np.ndarray:
+        width = len(self.feature_names)
+        if reading.values is not None:
+            if len(reading.values) != width:
+                raise Rejected(RejectReason.wrong_width, f"{len(reading.values)} values, the model expects {width}")
+            return np.asarray(reading.values, dtype=np.float32)
+        assert reading.features is not None
+        unknown = [k for k in reading.features if k not in self.index]
+        if unknown:
+            raise Rejected(RejectReason.unknown_feature, f"unknown feature(s) {sorted(unknown)[:5]}")
+        missing = [k for k in self.feature_names if k not in reading.features]
+        if missing:
+            raise Rejected(RejectReason.missing_feature, f"missing feature(s) {missing[:5]}")
+        return np.asarray([reading.features[k] for k in self.feature_names], dtype=np.float32)
+
+
+# ---- outgoing messages --------------------------------------------------------------------------
+
+class SourceOffset(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+
+
+class FeatureContribution(BaseModel):
+    name: str
+    contribution: float
+
+
+class Alert(BaseModel):
+    """An alert on ``fabwatch.alerts`` (key = entity). ``alert_id`` is deterministic, see ``alert_id_for``."""
+
+    alert_id: str
+    entity: str
+    kind: Literal["anomaly", "delay", "spike", "log"]
+    score: float
+    threshold: float
+    severity: Literal["info", "warning", "critical"]
+    window_start_ts: int
+    window_end_ts: int
+    model_version: str
+    model_scores: dict[str, float] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
+    top_features: list[FeatureContribution] = Field(default_factory=list)
+    source: SourceOffset | None = None
+    ingest_to_alert_ms: float | None = None
+    state: Literal["open", "closed"] = "open"
+    detail: dict[str, Any] = Field(default_factory=dict, description="kind-specific extras (log alerts: expected keys)")
+
+
+def alert_id_for(entity: str, window_end_ts: int, model_version: str, state: str = "open") -> str:
+    """Same entity, window end, model version and state -> same id, so replays and retries dedupe."""
+    key = f"{entity}\x1f{window_end_ts}\x1f{model_version}\x1f{state}".encode()
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+class DeadLetter(BaseModel):
+    """A message the processor could not use, on ``fabwatch.dlq``."""
+
+    value_b64: str = Field(description="the original message bytes, base64")
+    key: str | None = None
+    source: SourceOffset
+    reason: RejectReason
+    detail: str
+    ts: int = Field(description="epoch ms when it was dead-lettered")
+
+
+class ModelEvent(BaseModel):
+    """A registry change on ``fabwatch.models``; processors hot-reload on it."""
+
+    version: str
+    action: Literal["promoted", "rolled_back"]
+    sha256: str
+    ts: int
+
+
+MESSAGE_MODELS: dict[str, type[BaseModel]] = {
+    "reading": Reading, "alert": Alert, "dead_letter": DeadLetter, "model_event": ModelEvent,
+}

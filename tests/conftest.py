@@ -1,0 +1,60 @@
+"""Shared fixtures. ``kafka_bootstrap`` is a real broker: $KAFKA_BOOTSTRAP_SERVERS, else a
+testcontainers Kafka when a Docker engine answers, else the jar broker from ``fabwatch broker up``."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        return bool(docker.from_env(timeout=3).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    if _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from stream.broker import LocalBroker
+
+    broker = LocalBroker(tmp_path_factory.mktemp("fabwatch-home"))
+    state, _ = broker.up()
+    try:
+        yield state.bootstrap
+    finally:
+        broker.down()
+
+
+@pytest.fixture
+def unique_topic() -> Iterator[str]:
+    """A topic name no other test uses (created on first use or by ensure_topics)."""
+    yield f"test.{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, tmp_path: Path):
+    """Settings pointing at the test broker, with per-test topic names."""
+    from stream.config import Settings, TopicNames
+
+    suffix = uuid.uuid4().hex[:8]
+    topics = TopicNames(**{name: f"{default}.{suffix}" for name, default in TopicNames().model_dump().items()})
+    return Settings(bootstrap=kafka_bootstrap, home=tmp_path / "home", topics=topics)
