@@ -86,7 +86,7 @@ class LocalBroker:
     """Start, inspect and stop the local broker whose state lives under ``home``."""
 
     def __init__(self, home: Path | str = ".fabwatch", cache_root: Path = CACHE_ROOT, recipe_dir: Path = RECIPE_DIR):
-        self.home = Path(home)
+        self.home = Path(home).resolve()
         self.dir = self.home / "kafka"
         self.state_file = self.dir / "state.json"
         self.recipe_dir = Path(recipe_dir)

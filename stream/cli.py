@@ -44,11 +44,19 @@ def broker_up(as_json: JsonFlag = False) -> None:
     from stream.broker import LocalBroker
 
     broker = LocalBroker(Settings().home)
-    if not as_json:
+    if not as_json and broker.running_state() is None:
         typer.echo("starting the local Kafka broker (the first run fetches its jars with Maven)...", err=True)
     state, started = broker.up()
     emit({"bootstrap": state.bootstrap, "pid": state.pid, "started": started}, as_json,
          f"Kafka broker {'started' if started else 'already running'} at {state.bootstrap} (pid {state.pid})")
+
+
+@broker_app.command("fetch")
+def broker_fetch() -> None:
+    """Fetch the broker's jars with Maven into the cache (done by `up` when needed)."""
+    from stream.broker import LocalBroker
+
+    typer.echo(f"Kafka broker jars in {LocalBroker(Settings().home).ensure_jars()}")
 
 
 @broker_app.command("down")
@@ -126,21 +134,11 @@ _register_areas()
 def main() -> None:
     """Console entry point: exit 2 with one line for bad usage or input, 1 for anything else."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: click handles its own usage errors (exit 2) and raises SystemExit
     except UsageError as exc:
         typer.echo(f"fabwatch: {exc}", err=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click's own usage errors carry exit code 2
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         typer.echo(f"fabwatch: error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
 

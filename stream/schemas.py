@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -29,7 +29,7 @@ class RejectReason(StrEnum):
     late = "late"
 
 
-Number = StrictInt | StrictFloat  # "1.5" (a string) is a schema error, not a number
+Number = StrictFloat  # ints are accepted; "1.5" (a string) is a schema error, not a number
 
 
 def parse_timestamp_ms(value: Any) -> int:

@@ -1,0 +1,114 @@
+"""The real broker: keyed round trip with per-key order, idempotent topic creation, and the
+`fabwatch broker` lifecycle leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from stream.config import Settings
+from stream.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+def test_thousand_keyed_messages_round_trip_in_per_key_order(settings: Settings, unique_topic: str):
+    ensure_topics(settings, [unique_topic], partitions=3)
+    producer = Producer(settings.client_config(**{"enable.idempotence": True}))
+    for i in range(1000):
+        key = f"OHT-{i % 17:03d}"
+        producer.produce(unique_topic, json.dumps({"entity": key, "seq": i}).encode(), key.encode())
+    assert producer.flush(30) == 0
+
+    consumer = Consumer(settings.client_config(**{"group.id": f"g-{uuid.uuid4().hex[:6]}",
+                                                  "auto.offset.reset": "earliest"}))
+    consumer.subscribe([unique_topic])
+    seen: dict[str, list[int]] = defaultdict(list)
+    partitions_of: dict[str, set[int]] = defaultdict(set)
+    for _ in range(60):
+        for msg in consumer.consume(500, timeout=1.0):
+            assert msg.error() is None
+            key = msg.key().decode()
+            seen[key].append(json.loads(msg.value())["seq"])
+            partitions_of[key].add(msg.partition())
+        if sum(map(len, seen.values())) >= 1000:
+            break
+    consumer.close()
+
+    assert sum(map(len, seen.values())) == 1000
+    assert all(seq == sorted(seq) for seq in seen.values()), "per-key order lost"
+    assert all(len(p) == 1 for p in partitions_of.values()), "a key spread over partitions"
+    assert len(set().union(*partitions_of.values())) == 3, "keys did not use all 3 partitions"
+
+
+def test_topic_creation_is_idempotent(settings: Settings):
+    first = ensure_topics(settings, partitions=2)
+    assert set(first.values()) == {"created"} and set(first) == set(settings.topics.all())
+    assert set(ensure_topics(settings, partitions=2).values()) == {"exists"}
+    md = AdminClient(settings.client_config()).list_topics(timeout=10)
+    assert len(md.topics[settings.topics.alerts].partitions) == 2
+
+
+def test_security_settings_pass_through_to_librdkafka(monkeypatch):
+    monkeypatch.setenv("FABWATCH_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("FABWATCH_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("FABWATCH_SASL_USERNAME", "fab")
+    monkeypatch.setenv("FABWATCH_SASL_PASSWORD", "secret")
+    monkeypatch.setenv("FABWATCH_KAFKA_OPTIONS", '{"client.rack": "bay-3"}')
+    conf = Settings(bootstrap="broker:9093").client_config()
+    assert conf == {"bootstrap.servers": "broker:9093", "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "fab", "sasl.password": "secret",
+                    "client.rack": "bay-3"}
+
+
+def _fabwatch(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FABWATCH_HOME": str(home)}
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=180)
+
+
+def _process_state(pid: int) -> str | None:
+    """Kernel state letter of ``pid``, None once it is gone (Z: exited, waiting for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_broker_cli_up_twice_status_down_leaves_no_process(tmp_path: Path):
+    up = _fabwatch(tmp_path, "broker", "up", "--json")
+    assert up.returncode == 0, up.stderr
+    first = json.loads(up.stdout)
+    assert first["started"] is True
+    try:
+        again = json.loads(_fabwatch(tmp_path, "broker", "up", "--json").stdout)
+        assert again == {**first, "started": False}, "second `up` must be a no-op reporting the same broker"
+
+        status = _fabwatch(tmp_path, "broker", "status", "--json")
+        assert status.returncode == 0
+        info = json.loads(status.stdout)
+        assert info["running"] and info["healthy"] and info["bootstrap"] == first["bootstrap"]
+    finally:
+        down = _fabwatch(tmp_path, "broker", "down", "--json")
+    assert down.returncode == 0 and json.loads(down.stdout) == {"stopped": True}
+    assert _process_state(first["pid"]) in (None, "Z"), "broker process survived `down`"
+    after = _fabwatch(tmp_path, "broker", "status", "--json")
+    assert after.returncode == 1 and json.loads(after.stdout)["running"] is False
+
+
+def test_missing_java_is_a_one_line_usage_error(tmp_path: Path):
+    env = {**os.environ, "FABWATCH_HOME": str(tmp_path), "PATH": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "broker", "up"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("fabwatch: Java not found")
