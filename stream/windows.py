@@ -94,10 +94,12 @@ class WindowStore:
         last_ts = np.full(capacity, -1, dtype=np.int64)
         seen = np.zeros(capacity, dtype=np.float64)
         hashes = np.zeros(capacity, dtype=np.uint64)
+        part = np.full(capacity, -1, dtype=np.int32)
         if old:
             values[:old], ts[:old], count[:old] = self._values, self._ts, self._count
-            last_ts[:old], seen[:old], hashes[:old] = self._last_ts, self._seen, self._hash
-        self._values, self._ts, self._count, self._last_ts, self._seen, self._hash = values, ts, count, last_ts, seen, hashes
+            last_ts[:old], seen[:old], hashes[:old], part[:old] = self._last_ts, self._seen, self._hash, self._part
+        self._values, self._ts, self._count, self._last_ts = values, ts, count, last_ts
+        self._seen, self._hash, self._part = seen, hashes, part
         self._keys.extend([None] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
 
@@ -143,6 +145,11 @@ class WindowStore:
         slot = self._slot.get(key)
         return 0 if slot is None else int(min(self._count[slot], self.window))
 
+    def keys_in(self, partitions: Sequence[int]) -> list[str]:
+        """Live keys whose latest reading came from one of ``partitions``."""
+        wanted = set(partitions)
+        return [k for k, slot in self._slot.items() if int(self._part[slot]) in wanted]
+
     def drop(self, keys: Sequence[str]) -> None:
         """Forget keys (their partition was revoked: the new owner rebuilds them)."""
         for key in keys:
@@ -163,7 +170,7 @@ class WindowStore:
         return len(idle)
 
     def append(self, keys: Sequence[str], ts: np.ndarray, values: np.ndarray, score: bool = True,
-               now: float | None = None) -> AppendResult:
+               now: float | None = None, partitions: np.ndarray | None = None) -> AppendResult:
         """Append readings in arrival order; return per-reading status and the windows ready to score.
 
         ``score=False`` only fills the buffers (state rebuild after an assignment): nothing is ready.
@@ -191,8 +198,9 @@ class WindowStore:
         sizes = np.diff(np.r_[starts, n])
         if score and sizes.max() > self.window:  # a burst bigger than the ring's slack: split the batch
             half = n // 2
-            first = self.append(keys[:half], ts[:half], values[:half], score, now)
-            second = self.append(keys[half:], ts[half:], values[half:], score, now)
+            parts = (None, None) if partitions is None else (partitions[:half], partitions[half:])
+            first = self.append(keys[:half], ts[:half], values[:half], score, now, parts[0])
+            second = self.append(keys[half:], ts[half:], values[half:], score, now, parts[1])
             return AppendResult(np.r_[first.status, second.status], np.r_[first.ready, second.ready + half],
                                 np.concatenate([first.windows, second.windows]),
                                 np.r_[first.window_start_ts, second.window_start_ts])
@@ -215,6 +223,8 @@ class WindowStore:
         a_slot, a_pos = s_sorted[acc_idx], (count_after[acc_idx] - 1) % self.ring
         self._values[a_slot, a_pos] = np.asarray(values, dtype=np.float32)[order[acc_idx]]
         self._ts[a_slot, a_pos] = t_sorted[acc_idx]
+        if partitions is not None:
+            self._part[s_sorted] = np.asarray(partitions, dtype=np.int32)[order]
         self._count[group_slot] += np.add.reduceat(accepted.astype(np.int64), starts)
         self._last_ts[group_slot] = np.maximum(self._last_ts[group_slot], np.maximum.reduceat(t_sorted, starts))
 

@@ -1,0 +1,87 @@
+"""The dynamic weighted ensemble: five members and a gating network in ONE Keras model (design: ~1.67M).
+
+Outputs, by the registry contract (DESIGN.md): ``score`` [B], ``member_scores`` [B,M], ``weights`` [B,M] and,
+for ``forecast``, ``feature_error`` [B,F]. The input ``window`` [B, window, F] is already scaled.
+Members take the whole window, except for ``forecast`` where they see all but the last step and predict it.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from models import cnn_lstm, residual_gru, rules, spike, stacked_lstm
+from models.common import (DropLastStep, ForecastCombine, LastStep, MeanOverFeatures, Size, Task, WeightedSum,
+                           WindowStats, task_head, units)
+from models.tf import keras, tf
+
+MEMBERS: dict[str, ModuleType] = {m.NAME: m for m in (stacked_lstm, residual_gru, cnn_lstm, spike, rules)}
+DESIGN_PARAMS = 1_670_000
+OUTPUTS = ("score", "member_scores", "weights")
+FORECAST_OUTPUTS = (*OUTPUTS, "feature_error")
+
+
+def output_names(task: Task) -> tuple[str, ...]:
+    return FORECAST_OUTPUTS if task == "forecast" else OUTPUTS
+
+
+def member_steps(window: int, task: Task) -> int:
+    """How many steps a member sees: the forecast predicts the window's last step from the others."""
+    return window - 1 if task == "forecast" else window
+
+
+def build_member(name: str, window: int, n_features: int, task: Task, size: Size = "full",
+                 target_mean: float = 0.0, target_std: float = 1.0) -> keras.Model:
+    """One member as its own model, trainable on its own: trunk of its architecture, head of the task."""
+    inputs = keras.Input((member_steps(window, task), n_features), name="window")
+    x = MEMBERS[name].trunk(inputs, size)
+    return keras.Model(inputs, task_head(x, task, n_features, target_mean, target_std), name=name)
+
+
+def build_gate(window: int, n_features: int, n_members: int, size: Size = "full") -> keras.Model:
+    """Per-input softmax weights over the members from the window's per-feature mean, std and last value."""
+    inputs = keras.Input((window, n_features), name="window")
+    x = keras.layers.Dense(units(64, size), activation="relu", name="hidden")(WindowStats(name="stats")(inputs))
+    x = keras.layers.Dense(n_members, name="logits")(x)
+    return keras.Model(inputs, keras.layers.Softmax(dtype="float32", name="softmax")(x), name="gate")
+
+
+def assemble(members: list[keras.Model], gate: keras.Model, window: int, n_features: int,
+             task: Task) -> keras.Model:
+    """Wire trained (or fresh) members and a gate into the serving model with the contract's outputs."""
+    inputs = keras.Input((window, n_features), name="window")
+    context = DropLastStep(name="context")(inputs) if task == "forecast" else inputs
+    outs = [m(context) for m in members]
+    weights = gate(inputs)
+    named = {"weights": weights}
+    if task == "forecast":
+        forecasts = keras.layers.Concatenate(axis=1, name="forecasts")(
+            [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)])
+        member_err, feature_err = ForecastCombine(name="combine")([forecasts, weights, LastStep(name="target")(inputs)])
+        named.update(member_scores=member_err, feature_error=feature_err, score=MeanOverFeatures(name="mean_error")(feature_err))
+    else:
+        member_scores = keras.layers.Concatenate(name="member_concat")(outs)
+        named.update(member_scores=member_scores, score=WeightedSum(name="weighted")([member_scores, weights]))
+    outputs = [keras.layers.Activation("linear", dtype="float32", name=n)(named[n]) for n in output_names(task)]
+    return keras.Model(inputs, outputs, name="ensemble")
+
+
+def build(window: int = 100, n_features: int = 12, task: Task = "classify", size: Size = "full",
+          target_mean: float = 0.0, target_std: float = 1.0) -> keras.Model:
+    """A fresh ensemble (untrained)."""
+    members = [build_member(n, window, n_features, task, size, target_mean, target_std) for n in MEMBERS]
+    return assemble(members, build_gate(window, n_features, len(members), size), window, n_features, task)
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """Parameters per member and gate, plus the total, of an assembled ensemble."""
+    counts = {name: model.get_layer(name).count_params() for name in (*MEMBERS, "gate")}
+    counts["total"] = model.count_params()
+    return counts
+
+
+def members_of(model: keras.Model) -> tuple[list[keras.Model], keras.Model]:
+    """The member models and the gate inside an assembled ensemble (warm start, gate training)."""
+    return [model.get_layer(n) for n in MEMBERS], model.get_layer("gate")
+
+
+__all__ = ["MEMBERS", "build", "build_member", "build_gate", "assemble", "parameter_counts", "members_of", "tf"]
