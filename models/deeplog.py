@@ -31,6 +31,7 @@ class DeepLogConfig:
     epochs: int = 60
     batch_size: int = 256
     learning_rate: float = 3e-3
+    count_power: float = 1.0
     seed: int = 0
 
 
@@ -79,7 +80,8 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
     data = training_set(sessions, vocab, config.h)
     model = build_model(len(vocab), config)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="categorical_crossentropy")
-    weights = data.counts / data.counts.mean()
+    weights = data.counts ** config.count_power
+    weights = weights / weights.mean()
     t0 = time.perf_counter()
     history = model.fit(data.windows, data.targets, sample_weight=weights, epochs=config.epochs,
                         batch_size=config.batch_size, shuffle=True, verbose=verbose)

@@ -78,7 +78,7 @@ def _mostly_numeric(col: pa.ChunkedArray) -> bool:
     if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
         return False
     sample = [v for v in col.slice(0, 1000).to_pylist() if v not in (None, "")]
-    return bool(sample) and sum(map(_is_number, sample)) >= 0.9 * len(sample)
+    return bool(sample) and sum(map(_is_number, sample)) > 0.5 * len(sample)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,7 @@ def build_model(n_features: int, window: int = 100, kind: Kind = "spike", weight
     """An ONNX graph: input "window" float32 [batch, window, F] -> score, member_scores, weights (+ feature_error)."""
     i64 = lambda *v: np.asarray(v, dtype=np.int64)  # noqa: E731
     nodes = [
-        _const("start", i64(-1)), _const("end", i64(window)), _const("ax1", i64(1)), _const("ax2", i64(2)),
-        _const("ax12", i64(1, 2)),
+        _const("start", i64(-1)), _const("end", i64(window)), _const("ax1", i64(1)), _const("ax12", i64(1, 2)),
         helper.make_node("Slice", ["window", "start", "end", "ax1"], ["last3"]),
         helper.make_node("Squeeze", ["last3", "ax1"], ["last"]),                      # [B, F]
     ]

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the processor and a tiny HTTP server: ``/metrics``, ``/ready``, ``/healthz``."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class ProcessorMetrics:
+    """One registry per processor, so tests can run several in one process."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.consumed = Counter("fabwatch_readings_consumed", "readings polled from the sensor topic", registry=r)
+        self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
+        self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state"], registry=r)
+        self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
+        self.duplicates = Counter("fabwatch_duplicates", "exact duplicate readings dropped", registry=r)
+        self.evicted = Counter("fabwatch_keys_evicted", "keys evicted from the window store", ["why"], registry=r)
+        self.reloads = Counter("fabwatch_model_reloads", "model hot reloads", ["result"], registry=r)
+        self.batch_size = Histogram("fabwatch_batch_size", "windows per model call", buckets=_BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("fabwatch_inference_seconds", "model call latency", buckets=_LATENCY_BUCKETS,
+                                   registry=r)
+        self.ingest_to_alert = Histogram("fabwatch_ingest_to_alert_seconds", "reading produced -> alert produced",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge("fabwatch_consumer_lag", "messages behind the high watermark", ["partition"], registry=r)
+        self.live_keys = Gauge("fabwatch_live_keys", "keys with a window in memory", registry=r)
+        self.model = Gauge("fabwatch_model_info", "serving model version (value 1)", ["version", "provider"], registry=r)
+
+    def set_model(self, version: str, provider: str) -> None:
+        self.model.clear()
+        self.model.labels(version=version, provider=provider).set(1)
+
+
+class MetricsServer:
+    """Serves the metrics registry and a readiness probe on a daemon thread."""
+
+    def __init__(self, metrics: ProcessorMetrics, ready: Callable[[], bool], port: int, host: str = "0.0.0.0"):
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/ready":
+                    ok = ready()
+                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+                elif path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

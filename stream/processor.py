@@ -1,0 +1,447 @@
+"""The stream processor: Kafka in, ``ScoringEngine`` in the middle, alerts / scores / dead letters out.
+
+Delivery
+    at-least-once (default): outputs of a batch are produced and flushed (delivery confirmed) before
+    the batch's offsets are committed. exactly-once (``exactly_once=True``): each batch is one
+    transaction holding its outputs and its offsets (``send_offsets_to_transaction`` with the
+    consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
+    the assignment rewound to the committed offsets.
+
+State across restarts and rebalances
+    Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
+    offset until each key has ``window - 1`` of them (no alerts for these). The alert policy's few
+    non-quiet keys (open alerts, runs, cooldowns) travel as the committed offset's metadata. Together
+    with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
+    the same alert ids, as an uninterrupted one.
+
+Hot reload
+    A watcher thread follows the registry's ``current`` pointer and ModelEvents on the models topic;
+    it builds the new session beside the serving one, and the loop swaps it in between batches.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, \
+    TopicPartition
+
+from export.registry import Registry
+from export.runtime import ScoringModel
+from stream.config import Settings
+from stream.decode import BatchDecoder
+from stream.engine import EngineResult, ScoringEngine
+from stream.metrics import MetricsServer, ProcessorMetrics
+from stream.policy import PolicyConfig
+from stream.schemas import DeadLetter, ModelEvent, RejectReason, SourceOffset
+from stream.topics import ensure_topics
+from stream.windows import DUPLICATE, LATE
+
+log = logging.getLogger("fabwatch.processor")
+
+MAX_OFFSET_METADATA = 4000  # the broker's offset.metadata.max.bytes defaults to 4096
+
+
+@dataclass
+class ProcessorConfig:
+    registry: Path
+    group_id: str = "fabwatch-processor"
+    instance_id: str = field(default_factory=socket.gethostname)
+    exactly_once: bool = False
+    emit_scores: bool = False
+    stride: int = 1
+    max_batch: int = 512
+    max_wait_ms: int = 20
+    max_keys: int = 100_000
+    key_ttl_s: float | None = 6 * 3600.0
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics_port: int | None = None
+    reload_interval_s: float = 2.0
+    rebuild_chunk: int = 20_000
+    rebuild_max_messages: int = 2_000_000
+    transaction_timeout_ms: int = 30_000
+    providers: Sequence[str] | None = None
+
+
+class DeliveryFailed(RuntimeError):
+    """An output could not be delivered: do not commit, exit non-zero, let the restart redo the batch."""
+
+
+class Processor:
+    def __init__(self, settings: Settings, config: ProcessorConfig):
+        self.settings, self.config = settings, config
+        self.topics = settings.topics
+        self.registry = Registry(config.registry)
+        model = ScoringModel.from_registry(self.registry, providers=config.providers)
+        self.engine = ScoringEngine(model, config.policy, config.stride, config.max_keys, config.key_ttl_s,
+                                    config.max_batch)
+        self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes)
+        self.metrics = ProcessorMetrics()
+        self.metrics.set_model(model.version, model.provider)
+        self._stop = threading.Event()
+        self._pending: ScoringModel | None = None
+        self._pending_lock = threading.Lock()
+        self._assigned: set[int] = set()
+        self._next_offset: dict[int, int] = {}
+        self._assigned_once = False
+        self._delivery_error: KafkaError | None = None
+        self._last_housekeeping = 0.0
+        self.http: MetricsServer | None = None
+
+        base = settings.client_config()
+        self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+                                  "client.id": f"fabwatch-{config.instance_id}"})
+        producer_conf = {**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
+                         "client.id": f"fabwatch-{config.instance_id}"}
+        if config.exactly_once:
+            producer_conf.update({"transactional.id": f"{config.group_id}-{config.instance_id}",
+                                  "transaction.timeout.ms": config.transaction_timeout_ms})
+        self.producer = Producer(producer_conf)
+        self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
+                                   "isolation.level": "read_committed", "enable.partition.eof": True})
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self._assigned_once and not self._stop.is_set()
+
+    def stop(self, *_: object) -> None:
+        """Signal handler: finish the batch in hand, produce, commit, then leave the loop."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        cfg = self.config
+        ensure_topics(self.settings, [self.topics.sensors, self.topics.alerts, self.topics.dlq, self.topics.scores,
+                                      self.topics.models])
+        if cfg.metrics_port is not None:
+            self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port)
+            log.info("metrics on port %d (/metrics, /ready)", self.http.port)
+        if cfg.exactly_once:
+            self.producer.init_transactions(30)
+        watcher = threading.Thread(target=self._watch_models, name="model-watcher", daemon=True)
+        watcher.start()
+        self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        log.info("serving %s (%s) on %s, group %s, %s", self.engine.version, self.engine.model.provider,
+                 self.topics.sensors, cfg.group_id, "exactly-once" if cfg.exactly_once else "at-least-once")
+        try:
+            while not self._stop.is_set():
+                self._swap_if_pending()
+                msgs = self.consumer.consume(cfg.max_batch, cfg.max_wait_ms / 1000)
+                if msgs:
+                    self._handle(msgs)
+                self._housekeeping()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        try:
+            if not self.config.exactly_once:
+                self._flush_or_raise()
+                self._commit(sync=True)
+            self.consumer.close()  # leaves the group; on_revoke has nothing left to commit
+        finally:
+            self.rebuilder.close()
+            self.producer.flush(10)
+            if self.http is not None:
+                self.http.close()
+        log.info("stopped cleanly")
+
+    # ---- the batch --------------------------------------------------------------------------
+    def _handle(self, msgs: list[Message]) -> None:
+        good: list[Message] = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                if m.partition() in self._assigned:
+                    good.append(m)
+            elif err.fatal():
+                raise KafkaException(err)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+        if not good:
+            return
+        n = len(good)
+        self.metrics.consumed.inc(n)
+        partitions = np.fromiter((m.partition() for m in good), dtype=np.int32, count=n)
+        offsets = np.fromiter((m.offset() for m in good), dtype=np.int64, count=n)
+        cols = self.decoder.decode([m.value() for m in good])
+        ingest = np.fromiter((good[i].timestamp()[1] for i in cols.index.tolist()), dtype=np.float64,
+                             count=len(cols.index))
+        result = self.engine.process(cols.keys, cols.ts, cols.values, partitions=partitions[cols.index],
+                                     offsets=offsets[cols.index], ingest_ms=ingest, topic=self.topics.sensors,
+                                     clock_ms=lambda: time.time() * 1000.0)
+        for p in np.unique(partitions).tolist():
+            self._next_offset[p] = int(offsets[partitions == p].max()) + 1
+        if self.config.exactly_once:
+            self._deliver_transactional(good, cols.rejected, cols.index, result)
+        else:
+            self._produce_outputs(good, cols.rejected, cols.index, result)
+            self._flush_or_raise()
+            self._commit(sync=False)
+        self._observe(result)
+
+    def _produce_outputs(self, msgs: list[Message], rejected: list, index: np.ndarray, result: EngineResult) -> None:
+        topics, produce = self.topics, self.producer.produce
+        now_ms = int(time.time() * 1000)
+        dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in rejected]
+        late = index[result.status == LATE]
+        dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
+        for i, reason, detail in dead:
+            m = msgs[i]
+            key = m.key()
+            letter = DeadLetter(value_b64=base64.b64encode(m.value() or b"").decode(),
+                                key=key.decode(errors="replace") if key is not None else None,
+                                source=SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()),
+                                reason=reason, detail=detail, ts=now_ms)
+            produce(topics.dlq, letter.model_dump_json().encode(), key, on_delivery=self._on_delivery)
+            self.metrics.dlq.labels(reason=reason.value).inc()
+        for alert in result.alerts:
+            produce(topics.alerts, alert.model_dump_json().encode(), alert.entity.encode(),
+                    on_delivery=self._on_delivery)
+        if self.config.emit_scores and len(result.scores.index):
+            sc = result.scores
+            version = sc.model_version
+            for j, i in enumerate(sc.index.tolist()):
+                m = msgs[int(index[i])]
+                produce(topics.scores, b'{"entity":"%s","window_end_ts":%d,"score":%.6g,"model_version":"%s"}' % (
+                    m.key() or b"", sc.window_end_ts[j], sc.score[j], version.encode()), m.key(),
+                    on_delivery=self._on_delivery)
+        self.producer.poll(0)
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_error = err
+
+    def _flush_or_raise(self) -> None:
+        remaining = self.producer.flush(30)
+        if remaining or self._delivery_error is not None:
+            raise DeliveryFailed(f"outputs not delivered ({remaining} pending, error: {self._delivery_error}); "
+                                 "offsets not committed")
+
+    def _offsets(self, partitions: Sequence[int] | None = None) -> list[TopicPartition]:
+        """Positions to commit, each with the alert policy state of its partition as metadata."""
+        wanted = self._assigned if partitions is None else set(partitions)
+        out = []
+        for p, off in sorted(self._next_offset.items()):
+            if p not in wanted:
+                continue
+            meta = self.engine.policy.export_state(p)
+            if len(meta) > MAX_OFFSET_METADATA:
+                log.warning("alert state of partition %d is %d bytes, over the offset metadata limit: not carried",
+                            p, len(meta))
+                meta = ""
+            out.append(TopicPartition(self.topics.sensors, p, off, metadata=meta))
+        return out
+
+    def _commit(self, sync: bool, partitions: Sequence[int] | None = None) -> None:
+        offsets = self._offsets(partitions)
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+        except KafkaException as exc:  # e.g. a rebalance under way: the batch is redone, same alert ids
+            log.warning("offset commit failed: %s", exc)
+
+    def _deliver_transactional(self, msgs: list[Message], rejected: list, index: np.ndarray,
+                               result: EngineResult) -> None:
+        p = self.producer
+        try:
+            p.begin_transaction()
+            self._produce_outputs(msgs, rejected, index, result)
+            p.send_offsets_to_transaction(self._offsets(), self.consumer.consumer_group_metadata(), 30)
+            p.commit_transaction(30)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not err.txn_requires_abort():
+                raise
+            log.warning("transaction aborted (%s): rewinding to the committed offsets", err)
+            p.abort_transaction(30)
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: forget in-memory state and resume from the committed offsets."""
+        parts = sorted(self._assigned)
+        self.engine.drop_partitions(parts)
+        committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        for tp in committed:
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+    def _observe(self, result: EngineResult) -> None:
+        m = self.metrics
+        m.scored.inc(len(result.scores.index))
+        m.duplicates.inc(int(np.count_nonzero(result.status == DUPLICATE)))
+        for size, seconds in zip(result.batch_sizes, result.inference_s):
+            m.batch_size.observe(size)
+            m.inference.observe(seconds)
+        for a in result.alerts:
+            m.alerts.labels(kind=a.kind, state=a.state).inc()
+            if a.ingest_to_alert_ms is not None:
+                m.ingest_to_alert.observe(a.ingest_to_alert_ms / 1000.0)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_housekeeping < 5.0:
+            return
+        self._last_housekeeping = now
+        before = self.engine.windows.counters.evicted_ttl
+        self.engine.windows.evict_idle(now)
+        self.metrics.evicted.labels(why="ttl").inc(self.engine.windows.counters.evicted_ttl - before)
+        self.metrics.live_keys.set(len(self.engine.windows))
+        for tp in self.consumer.position([TopicPartition(self.topics.sensors, q) for q in sorted(self._assigned)]):
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            except KafkaException:
+                continue
+            pos = tp.offset if tp.offset >= 0 else self._next_offset.get(tp.partition, 0)
+            self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, high - pos))
+
+    # ---- rebalances -------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        t0 = time.monotonic()
+        self._restore(partitions)
+        self._assigned |= {tp.partition for tp in partitions}
+        self._assigned_once = True
+        log.info("assigned partitions %s (windows rebuilt for %d keys in %.2fs)",
+                 sorted(tp.partition for tp in partitions), len(self.engine.windows), time.monotonic() - t0)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = [tp.partition for tp in partitions]
+        if not self.config.exactly_once:  # every batch is already flushed; make its commit synchronous
+            self._commit(sync=True, partitions=revoked)
+        self._forget(revoked)
+        log.info("revoked partitions %s", sorted(revoked))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = [tp.partition for tp in partitions]
+        self._forget(lost)
+        log.warning("lost partitions %s: state dropped, the new owner rebuilds it", sorted(lost))
+
+    def _forget(self, partitions: Sequence[int]) -> None:
+        self.engine.drop_partitions(partitions)
+        self._assigned -= set(partitions)
+        for p in partitions:
+            self._next_offset.pop(p, None)
+
+    def _restore(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """Load committed offsets (+ alert state) and rebuild each key's window from the readings before them."""
+        if not partitions:
+            return []
+        committed = self.consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=30)
+        for tp in committed:
+            if tp.offset >= 0:
+                self.engine.policy.import_state(tp.partition, tp.metadata)
+                self._next_offset[tp.partition] = tp.offset
+                self._rebuild(tp.partition, tp.offset)
+        return committed
+
+    def _rebuild(self, partition: int, end: int) -> None:
+        """Re-read backwards in chunks until every key seen has ``window - 1`` readings before ``end``."""
+        need = self.engine.windows.window - 1
+        tp = TopicPartition(self.topics.sensors, partition)
+        low, _ = self.rebuilder.get_watermark_offsets(tp, timeout=10)
+        chunks: list[list[Message]] = []
+        counts: dict[str, int] = {}
+        hi, size, total = end, self.config.rebuild_chunk, 0
+        while hi > low and total < self.config.rebuild_max_messages:
+            lo = max(low, hi - size)
+            msgs = self._read_range(partition, lo, hi)
+            chunks.insert(0, msgs)
+            total += len(msgs)
+            cols = self.decoder.decode([m.value() for m in msgs])
+            new_keys = False
+            for k in cols.keys:
+                new_keys |= k not in counts
+                counts[k] = counts.get(k, 0) + 1
+            if not new_keys and all(c >= need for c in counts.values()):
+                break
+            hi, size = lo, size * 2
+        msgs = [m for chunk in chunks for m in chunk]
+        if msgs:
+            cols = self.decoder.decode([m.value() for m in msgs])
+            self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
+
+    def _read_range(self, partition: int, lo: int, hi: int) -> list[Message]:
+        """Messages with offsets in [lo, hi) of one partition (the rebuild consumer never commits)."""
+        self.rebuilder.assign([TopicPartition(self.topics.sensors, partition, lo)])
+        out: list[Message] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch = self.rebuilder.consume(10_000, 1.0)
+            for m in batch:
+                if m.error() is None and m.offset() < hi:
+                    out.append(m)
+            last = batch[-1] if batch else None
+            if last is not None and ((last.error() is None and last.offset() >= hi - 1) or (
+                    last.error() is not None and last.error().code() == KafkaError._PARTITION_EOF)):
+                break
+            pos = self.rebuilder.position([TopicPartition(self.topics.sensors, partition)])[0].offset
+            if pos >= hi:
+                break
+        else:
+            raise RuntimeError(f"re-reading partition {partition} [{lo}, {hi}) timed out")
+        self.rebuilder.unassign()
+        return out
+
+    # ---- hot reload -------------------------------------------------------------------------
+    def _swap_if_pending(self) -> None:
+        with self._pending_lock:
+            model, self._pending = self._pending, None
+        if model is None or model.version == self.engine.version:
+            return
+        old = self.engine.version
+        self.engine.swap_model(model)
+        self.metrics.set_model(model.version, model.provider)
+        self.metrics.reloads.labels(result="ok").inc()
+        log.info("hot reload: %s -> %s (%s)", old, model.version, model.provider)
+
+    def _watch_models(self) -> None:
+        """Follow ``current`` and ModelEvents; load a new version beside the serving one."""
+        events = Consumer({**self.settings.client_config(), "group.id": f"{self.config.group_id}-models",
+                           "enable.auto.commit": False})
+        try:
+            md = events.list_topics(self.topics.models, timeout=10).topics.get(self.topics.models)
+            parts = sorted(md.partitions) if md is not None and md.partitions else [0]
+            events.assign([TopicPartition(self.topics.models, p, OFFSET_END) for p in parts])
+        except KafkaException as exc:
+            log.warning("not following %s (%s): the registry pointer alone triggers reloads", self.topics.models, exc)
+        tried: str | None = self.engine.version
+        while not self._stop.is_set():
+            wanted = self.registry.current_version()
+            for m in events.consume(100, self.config.reload_interval_s):
+                if m.error() is None:
+                    try:
+                        wanted = ModelEvent.model_validate_json(m.value()).version
+                    except ValueError as exc:
+                        log.warning("ignoring a malformed model event: %s", exc)
+            if wanted is None or wanted == tried:
+                continue
+            tried = wanted
+            self._load(wanted)
+        events.close()
+
+    def _load(self, version: str) -> None:
+        try:
+            vdir, manifest = self.registry.resolve(version)
+            model = ScoringModel(vdir, manifest, self.config.providers)
+            self.engine.check_compatible(model)
+        except Exception as exc:  # any failure keeps the serving model; say why
+            self.metrics.reloads.labels(result="failed").inc()
+            log.error("hot reload of %s failed, still serving %s: %s", version, self.engine.version, exc)
+            return
+        with self._pending_lock:
+            self._pending = model
