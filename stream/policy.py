@@ -87,9 +87,11 @@ class AlertPolicy:
         """Alerts for one micro-batch, in window order. Quiet keys below the threshold cost no Python."""
         cfg, states = self.config, self.states
         score = out.score
-        candidates = score >= self.alert_thr
-        if states:
-            candidates |= np.fromiter((e in states for e in batch.entities), dtype=bool, count=len(score))
+        high = np.flatnonzero(score >= self.alert_thr)
+        if not states and not len(high):
+            return []
+        hot = set(states).union(batch.entities[i] for i in high.tolist())
+        candidates = np.fromiter((e in hot for e in batch.entities), dtype=bool, count=len(score))
         alerts: list[Alert] = []
         for i in np.flatnonzero(candidates).tolist():
             entity, end_ts, s = batch.entities[i], int(batch.window_end_ts[i]), float(score[i])

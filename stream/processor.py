@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, \
     TopicPartition
 
 from export.registry import Registry
 from export.runtime import ScoringModel
 from stream.config import Settings
-from stream.decode import BatchDecoder
+from stream.decode import BatchDecoder, DecodedColumns
 from stream.engine import EngineResult, ScoringEngine
 from stream.metrics import MetricsServer, ProcessorMetrics
 from stream.policy import PolicyConfig
@@ -94,6 +95,7 @@ class Processor:
         self._next_offset: dict[int, int] = {}
         self._assigned_once = False
         self._delivery_error: KafkaError | None = None
+        self._failed = False
         self._last_housekeeping = 0.0
         self.http: MetricsServer | None = None
 
@@ -144,22 +146,25 @@ class Processor:
                 if msgs:
                     self._handle(msgs)
                 self._housekeeping()
-        finally:
-            self._shutdown()
+        except BaseException:
+            self._failed = True  # nothing more is committed: a restart redoes the unfinished batch
+            self._close()
+            raise
+        if not self.config.exactly_once:
+            self._flush_or_raise()
+            self._commit(sync=True)
+        self._close()
+        log.info("stopped cleanly")
 
-    def _shutdown(self) -> None:
+    def _close(self) -> None:
         self._stop.set()
         try:
-            if not self.config.exactly_once:
-                self._flush_or_raise()
-                self._commit(sync=True)
-            self.consumer.close()  # leaves the group; on_revoke has nothing left to commit
+            self.consumer.close()  # leaves the group (on_revoke runs)
         finally:
             self.rebuilder.close()
             self.producer.flush(10)
             if self.http is not None:
                 self.http.close()
-        log.info("stopped cleanly")
 
     # ---- the batch --------------------------------------------------------------------------
     def _handle(self, msgs: list[Message]) -> None:
@@ -188,18 +193,18 @@ class Processor:
         for p in np.unique(partitions).tolist():
             self._next_offset[p] = int(offsets[partitions == p].max()) + 1
         if self.config.exactly_once:
-            self._deliver_transactional(good, cols.rejected, cols.index, result)
+            self._deliver_transactional(good, cols, result)
         else:
-            self._produce_outputs(good, cols.rejected, cols.index, result)
+            self._produce_outputs(good, cols, result)
             self._flush_or_raise()
             self._commit(sync=False)
         self._observe(result)
 
-    def _produce_outputs(self, msgs: list[Message], rejected: list, index: np.ndarray, result: EngineResult) -> None:
+    def _produce_outputs(self, msgs: list[Message], cols: DecodedColumns, result: EngineResult) -> None:
         topics, produce = self.topics, self.producer.produce
         now_ms = int(time.time() * 1000)
-        dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in rejected]
-        late = index[result.status == LATE]
+        dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
+        late = cols.index[result.status == LATE]
         dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
         for i, reason, detail in dead:
             m = msgs[i]
@@ -215,12 +220,11 @@ class Processor:
                     on_delivery=self._on_delivery)
         if self.config.emit_scores and len(result.scores.index):
             sc = result.scores
-            version = sc.model_version
-            for j, i in enumerate(sc.index.tolist()):
-                m = msgs[int(index[i])]
-                produce(topics.scores, b'{"entity":"%s","window_end_ts":%d,"score":%.6g,"model_version":"%s"}' % (
-                    m.key() or b"", sc.window_end_ts[j], sc.score[j], version.encode()), m.key(),
-                    on_delivery=self._on_delivery)
+            for i, end_ts, score in zip(sc.index.tolist(), sc.window_end_ts.tolist(), sc.score.tolist()):
+                entity = cols.keys[i]
+                produce(topics.scores, orjson.dumps({"entity": entity, "window_end_ts": end_ts, "score": score,
+                                                     "model_version": sc.model_version}), entity.encode(),
+                        on_delivery=self._on_delivery)
         self.producer.poll(0)
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
@@ -257,12 +261,11 @@ class Processor:
         except KafkaException as exc:  # e.g. a rebalance under way: the batch is redone, same alert ids
             log.warning("offset commit failed: %s", exc)
 
-    def _deliver_transactional(self, msgs: list[Message], rejected: list, index: np.ndarray,
-                               result: EngineResult) -> None:
+    def _deliver_transactional(self, msgs: list[Message], cols: DecodedColumns, result: EngineResult) -> None:
         p = self.producer
         try:
             p.begin_transaction()
-            self._produce_outputs(msgs, rejected, index, result)
+            self._produce_outputs(msgs, cols, result)
             p.send_offsets_to_transaction(self._offsets(), self.consumer.consumer_group_metadata(), 30)
             p.commit_transaction(30)
         except KafkaException as exc:
@@ -321,7 +324,7 @@ class Processor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
-        if not self.config.exactly_once:  # every batch is already flushed; make its commit synchronous
+        if not self.config.exactly_once and not self._failed:  # batches are flushed; commit synchronously
             self._commit(sync=True, partitions=revoked)
         self._forget(revoked)
         log.info("revoked partitions %s", sorted(revoked))
@@ -420,8 +423,11 @@ class Processor:
         except KafkaException as exc:
             log.warning("not following %s (%s): the registry pointer alone triggers reloads", self.topics.models, exc)
         tried: str | None = self.engine.version
+        pointer = self.registry.current_version()
         while not self._stop.is_set():
-            wanted = self.registry.current_version()
+            wanted = None
+            if self.registry.current_version() != pointer:
+                pointer = wanted = self.registry.current_version()
             for m in events.consume(100, self.config.reload_interval_s):
                 if m.error() is None:
                     try:

@@ -1,0 +1,114 @@
+"""Helpers for the processor's integration tests: produce readings, run ``fabwatch serve`` as a
+subprocess (so it can be SIGKILLed / SIGTERMed), and read output topics back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import orjson
+from confluent_kafka import Consumer, Producer
+
+from stream.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def produce(settings: Settings, topic: str, records: Iterable[dict | bytes], key_field: str = "entity",
+            keys: Sequence[bytes | None] | None = None) -> int:
+    """Produce JSON records (or raw bytes) keyed by their entity; returns how many."""
+    p = Producer(settings.client_config(**{"linger.ms": 5, "enable.idempotence": True}))
+    n = 0
+    for i, r in enumerate(records):
+        if isinstance(r, bytes):
+            value, key = r, keys[i] if keys is not None else None
+        else:
+            value, key = orjson.dumps(r), str(r.get(key_field, "")).encode()
+        p.produce(topic, value, key)
+        n += 1
+        if n % 10_000 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0
+    return n
+
+
+def read_all(settings: Settings, topic: str, *, committed_only: bool = True, idle_s: float = 3.0,
+             expect: int | None = None, timeout_s: float = 60.0) -> list[bytes]:
+    """Every message of ``topic`` from the beginning, until ``expect`` arrived or it stays idle ``idle_s``."""
+    c = Consumer(settings.client_config(**{
+        "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest", "enable.auto.commit": False,
+        "isolation.level": "read_committed" if committed_only else "read_uncommitted"}))
+    c.subscribe([topic])
+    out: list[bytes] = []
+    deadline, last = time.monotonic() + timeout_s, time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            if expect is not None and len(out) >= expect:
+                # linger briefly: anything beyond ``expect`` would be a duplicate
+                idle_s, expect = 1.0, None
+                last = time.monotonic()
+            msgs = c.consume(1000, 0.25)
+            got = [m.value() for m in msgs if m.error() is None]
+            out += got
+            if got:
+                last = time.monotonic()
+            elif time.monotonic() - last > idle_s and expect is None:
+                break
+    finally:
+        c.close()
+    return out
+
+
+def serve_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.topics.model_dump().items():
+        env[f"FABWATCH_TOPIC_{name.upper()}"] = value
+    env["FABWATCH_BOOTSTRAP"] = settings.resolve_bootstrap()
+    env["FABWATCH_HOME"] = str(settings.home)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def start_serve(settings: Settings, registry: Path, *args: str, log_path: Path) -> subprocess.Popen:
+    """``fabwatch serve`` in a subprocess with the test's topic names; its log goes to ``log_path``."""
+    cmd = [sys.executable, "-m", "stream.cli", "serve", "--registry", str(registry), *args]
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen(cmd, cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, every_s: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def log_has(log_path: Path, text: str) -> bool:
+    return log_path.exists() and text in log_path.read_text(errors="replace")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    return proc.wait(timeout_s)
+
+
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    from confluent_kafka import TopicPartition
+
+    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        c.close()
+    return {tp.partition: tp.offset for tp in got}
