@@ -83,3 +83,71 @@ def keras_to_onnx(model, out_path: Path, input_name: str = "window", output_name
     if diff > tolerance:
         raise ExportError(f"ONNX/TF parity {diff:.2e} exceeds {tolerance:.0e}")
     return ExportReport(path=out_path, op_histogram=hist, parity_max_abs=diff, outputs=names)
+
+
+def _dedicated_output_nodes(model) -> None:
+    """Give every graph output its own Identity producer, so a tensor that is both an output and consumed
+    inside the graph (e.g. ``weights``) can be cast back to fp32 for the caller while staying fp16 inside."""
+    import onnx
+
+    for out in model.graph.output:
+        inner = f"{out.name}__inner"
+        for node in model.graph.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+            node.input[:] = [inner if i == out.name else i for i in node.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [out.name], name=f"{out.name}__identity"))
+
+
+def _bypass_input_roundtrips(model) -> None:
+    """A blocked (fp32) node fed from a graph input gets the input itself, not its fp16-rounded copy: the
+    in-graph rules compare against thresholds, and rounding the window to fp16 would flip flags."""
+    from onnx import TensorProto
+
+    inputs = {i.name for i in model.graph.input}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.attribute[0].i != TensorProto.FLOAT:
+            continue
+        src = producer.get(node.input[0])
+        if src is not None and src.op_type == "Cast" and src.input[0] in inputs:
+            node.input[0] = src.input[0]
+
+
+def to_fp16(src: Path, dst: Path, block_nodes: Sequence[str] = ("rule_flags",), parity_samples: int = 256,
+            tolerance: float = 1e-2, seed: int = 0, sample_inputs: np.ndarray | None = None) -> float:
+    """Write an fp16 variant of ``src`` with fp32 inputs/outputs; returns its max |fp16 - fp32| output difference.
+
+    onnxconverter-common's converter, as-is, breaks on these graphs in two places that are fixed here: ``Cast``
+    nodes to float32 (from tf2onnx's shape arithmetic) stay float32 while the converter types their outputs
+    fp16, and outputs that are also consumed inside the graph get mistyped. Nodes whose names contain any of
+    ``block_nodes`` (the in-graph rules: threshold comparisons) stay fp32 and read the fp32 input directly.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    _dedicated_output_nodes(model)
+    float_casts = {n.name for n in model.graph.node
+                   if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT}
+    blocked = [n.name for n in model.graph.node if any(b in n.name for b in block_nodes)]
+    half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
+    for node in half.graph.node:
+        if node.name in float_casts and node.name not in blocked:
+            node.attribute[0].i = TensorProto.FLOAT16
+    _bypass_input_roundtrips(half)
+    dst = Path(dst)
+    onnx.save(half, str(dst))
+
+    full = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    inp = full.get_inputs()[0]
+    if sample_inputs is None:
+        shape = [d if isinstance(d, int) else parity_samples for d in inp.shape]
+        sample_inputs = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    halved = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    diff = max(float(np.max(np.abs(a - b))) for a, b in
+               zip(full.run(None, {inp.name: sample_inputs}), halved.run(None, {inp.name: sample_inputs})))
+    if diff > tolerance:
+        raise ExportError(f"fp16 parity {diff:.2e} exceeds {tolerance:.0e}")
+    return diff

@@ -29,7 +29,7 @@ class Table:
 
     feature_names: list[str]
     x: np.ndarray               # [N, F] float32, gaps filled
-    y: np.ndarray | None        # [N] float32 target (label or delay minutes)
+    y: np.ndarray | None        # [N] float32 target (label or delay minutes; forecast: label for evaluation)
     entity: np.ndarray          # [N] int codes
     entity_names: list[str]
     fingerprint: str            # sha256 of the source file
@@ -147,13 +147,14 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
         x = _fill_gaps(np.where(bad, np.nan, x), entity)
 
     y = None
-    if task != "forecast" and label_col:
+    # forecast is unsupervised: a label column, when present, only scores the validation split
+    if label_col and (task != "forecast" or label_col in table.column_names):
         y = _numeric(table, label_col)[order]
         if not np.isfinite(y).all():
             raise UsageError(f"label column {label_col!r} has missing or non-finite values")
-        if task == "classify" and not np.isin(y, (0.0, 1.0)).all():
+        if task != "regress" and not np.isin(y, (0.0, 1.0)).all():
             others = np.unique(y[~np.isin(y, (0.0, 1.0))])[:3]
-            raise UsageError(f"label column {label_col!r} must hold 0/1 for --task classify, found {others.tolist()}")
+            raise UsageError(f"label column {label_col!r} must hold 0/1 for --task {task}, found {others.tolist()}")
         if task == "regress" and (y < 0).any():
             raise UsageError(f"label column {label_col!r} must hold delay minutes >= 0 for --task regress")
         y = y.astype(np.float32)

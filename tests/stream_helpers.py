@@ -70,6 +70,7 @@ def serve_env(settings: Settings) -> dict[str, str]:
         env[f"FABWATCH_TOPIC_{name.upper()}"] = value
     env["FABWATCH_BOOTSTRAP"] = settings.resolve_bootstrap()
     env["FABWATCH_HOME"] = str(settings.home)
+    env["FABWATCH_MAX_MESSAGE_BYTES"] = str(settings.max_message_bytes)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

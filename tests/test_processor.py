@@ -1,0 +1,208 @@
+"""The stream processor against a real broker, run as ``fabwatch serve`` subprocesses.
+
+The reference for "an uninterrupted run" is the offline engine (``run_offline``) over the same
+readings: the processor and offline evaluation share that code, so their alert ids must match.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from export.registry import Registry, atomic_write_text
+from export.runtime import ScoringModel
+from stream.decode import BatchDecoder
+from stream.engine import ScoringEngine, run_offline
+from stream.topics import ensure_topics
+from onnx_fixtures import add_version, make_registry, readings
+from stream_helpers import committed_offsets, log_has, produce, read_all, start_serve, stop, wait_for
+
+pytestmark = pytest.mark.integration
+ENTITIES = [f"OHT-{i:03d}" for i in range(20)]
+PARTITIONS = 3
+
+
+@pytest.fixture
+def topics(settings):
+    ensure_topics(settings, settings.topics.all(), partitions=PARTITIONS)
+    return settings
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    make_registry(tmp_path / "registry")
+    return tmp_path / "registry"
+
+
+def reference_ids(registry: Path, records: list[dict]) -> set[str]:
+    """Alert ids of an uninterrupted run: the offline engine over the readings in production order."""
+    model = ScoringModel.from_registry(registry)
+    cols = BatchDecoder(model.feature_names).decode([orjson.dumps(r) for r in records])
+    alerts, _, _ = run_offline(ScoringEngine(model), cols.keys, cols.ts, cols.values)
+    return {a.alert_id for a in alerts}
+
+
+def alerts_of(raw: list[bytes]) -> list[dict]:
+    return [json.loads(v) for v in raw]
+
+
+def test_spike_raises_an_alert_for_that_entity_and_clean_data_none(topics, registry, tmp_path) -> None:
+    spiky = readings(ENTITIES, 260, spikes={"OHT-007": [180, 181]}, seed=1)
+    clean = readings(ENTITIES, 260, seed=2, t0=1_800_000_000_000)  # later timestamps: not late
+    produce(topics, topics.topics.sensors, clean)
+    log = tmp_path / "serve.log"
+    proc = start_serve(topics, registry, "--emit-scores", log_path=log)
+    try:
+        scores = read_all(topics, topics.topics.scores, expect=len(ENTITIES) * 161, timeout_s=90)
+        assert len(scores) == len(ENTITIES) * 161  # every window of the clean data was scored...
+        assert read_all(topics, topics.topics.alerts, idle_s=1.0) == []  # ...and raised nothing
+        produce(topics, topics.topics.sensors, [{**r, "entity": r["entity"] + "-b"} for r in spiky])
+        got = alerts_of(read_all(topics, topics.topics.alerts, expect=2, timeout_s=60))
+    finally:
+        assert stop(proc) == 0
+    opened = [a for a in got if a["state"] == "open"]
+    assert {a["entity"] for a in got} == {"OHT-007-b"} and len(opened) == 1
+    a = opened[0]
+    spike_ts = spiky[180 * len(ENTITIES)]["ts"]
+    assert a["window_start_ts"] <= spike_ts <= a["window_end_ts"]
+    assert a["kind"] == "spike" and a["model_version"] == "v0001" and a["top_features"][0]["name"] == "f00"
+    assert a["source"]["topic"] == topics.topics.sensors and a["ingest_to_alert_ms"] is not None
+
+
+def test_bad_input_goes_to_the_dlq_with_its_reason_and_good_readings_still_score(topics, registry, tmp_path) -> None:
+    good = readings(ENTITIES[:2], 150, spikes={"OHT-001": [140]}, seed=3)
+    first, rest = good[:100], good[100:]
+    table = [
+        (b"{not json", "bad_json"),
+        (b'{"ts": 1, "values": [1, 2, 3, 4]}', "schema"),
+        (b'{"entity": "X", "ts": "yesterday", "values": [1, 2, 3, 4]}', "bad_timestamp"),
+        (b'{"entity": "X", "ts": 1, "values": [1, 2, NaN, 4]}', "non_finite"),
+        (b'{"entity": "X", "ts": 1, "values": [1, 2, 3]}', "wrong_width"),
+        (b'{"entity": "X", "ts": 1, "features": {"f00": 1, "f01": 1, "f02": 1, "f03": 1, "zz": 1}}', "unknown_feature"),
+        (b'{"entity": "X", "ts": 1, "features": {"f00": 1}}', "missing_feature"),
+        (b'{"entity": "X", "ts": 1, "values": [1, 2, 3, 1e39]}', "non_finite"),
+        (b'{"entity": "X", "ts": 1, "values": ' + b"[" + b"1," * 2000 + b"1]}", "too_large"),
+        (orjson.dumps({**first[0], "ts": first[0]["ts"] - 1}), "late"),
+    ]
+    dup = orjson.dumps(first[-1])
+    raw = [orjson.dumps(r) for r in first] + [v for v, _ in table] + [dup] + [orjson.dumps(r) for r in rest]
+    keys = [r["entity"].encode() for r in first] + [b"bad"] * len(table) + [b"OHT-001"] + \
+        [r["entity"].encode() for r in rest]
+    produce(topics, topics.topics.sensors, raw, keys=keys)
+    topics.max_message_bytes = 2048
+    log = tmp_path / "serve.log"
+    proc = start_serve(topics, registry, log_path=log)
+    try:
+        dead = alerts_of(read_all(topics, topics.topics.dlq, expect=len(table), timeout_s=90))
+        alerts = alerts_of(read_all(topics, topics.topics.alerts, expect=1, timeout_s=60))
+    finally:
+        assert stop(proc) == 0
+    assert sorted(d["reason"] for d in dead) == sorted(r for _, r in table)  # one each, nothing for the duplicate
+    by_reason = {d["reason"]: d for d in dead}
+    assert base64.b64decode(by_reason["bad_json"]["value_b64"]) == b"{not json"
+    assert by_reason["late"]["source"]["topic"] == topics.topics.sensors and by_reason["late"]["detail"]
+    assert [a["entity"] for a in alerts if a["state"] == "open"] == ["OHT-001"]
+
+
+def _kill_and_restart(topics, registry: Path, tmp_path: Path, *extra: str) -> tuple[list[dict], set[str]]:
+    """Phase 1 (an alert opens for OHT-005), SIGKILL, phase 2 produced while down, restart, collect."""
+    data = readings(ENTITIES, 400, seed=4, spikes={"OHT-005": list(range(290, 300)), "OHT-011": [305, 306],
+                                                   "OHT-017": [380]})
+    cut = 300 * len(ENTITIES)
+    expected = reference_ids(registry, data)
+    produce(topics, topics.topics.sensors, data[:cut])
+    log = tmp_path / "serve.log"
+    proc = start_serve(topics, registry, "--max-batch", "64", *extra, log_path=log)
+    wait_for(lambda: len(read_all(topics, topics.topics.alerts, idle_s=0.3, timeout_s=5)) >= 1, 90, what="first alert")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    produce(topics, topics.topics.sensors, data[cut:])
+    proc = start_serve(topics, registry, "--max-batch", "64", *extra, log_path=log)
+    try:
+        got = alerts_of(read_all(topics, topics.topics.alerts, expect=len(expected), timeout_s=90))
+    finally:
+        assert stop(proc) == 0
+    return got, expected
+
+
+def test_sigkill_restart_at_least_once_loses_no_alert(topics, registry, tmp_path) -> None:
+    got, expected = _kill_and_restart(topics, registry, tmp_path)
+    assert len(expected) == 6  # open + close for OHT-005 (open before the kill, closed after), -011, -017
+    assert {a["alert_id"] for a in got} == expected  # duplicates allowed, only with the same ids
+
+
+def test_sigkill_restart_exactly_once_read_committed_sees_each_alert_once(topics, registry, tmp_path) -> None:
+    got, expected = _kill_and_restart(topics, registry, tmp_path, "--exactly-once")
+    ids = [a["alert_id"] for a in got]
+    assert sorted(ids) == sorted(expected)
+
+
+def test_two_instances_emit_the_same_alerts_as_one(topics, registry, tmp_path) -> None:
+    data = readings(ENTITIES, 300, seed=5, spikes={e: [150 + 7 * i] for i, e in enumerate(ENTITIES[::3])})
+    expected = reference_ids(registry, data)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [start_serve(topics, registry, "--instance-id", f"i{i}", "--exactly-once", log_path=lg)
+             for i, lg in enumerate(logs)]
+    try:
+        wait_for(lambda: all(log_has(lg, "assigned partitions [") for lg in logs), 60, what="both instances assigned")
+        produce(topics, topics.topics.sensors, data[: len(data) // 2])
+        produce(topics, topics.topics.sensors, data[len(data) // 2:])
+        got = alerts_of(read_all(topics, topics.topics.alerts, expect=len(expected), timeout_s=90))
+    finally:
+        assert [stop(p) for p in procs] == [0, 0]
+    assigned = [re.findall(r"assigned partitions \[([\d, ]*)\]", lg.read_text())[-1] for lg in logs]
+    assert all(assigned), assigned  # both instances held partitions at the end
+    assert sorted(a["alert_id"] for a in got) == sorted(expected)
+
+
+def test_hot_reload_mid_stream(topics, registry, tmp_path) -> None:
+    first = readings(ENTITIES[:4], 200, seed=6, spikes={"OHT-001": [150]})
+    second = readings(ENTITIES[:4], 200, seed=7, t0=first[-1]["ts"] + 1000, spikes={"OHT-002": [150]})
+    produce(topics, topics.topics.sensors, first)
+    log = tmp_path / "serve.log"
+    proc = start_serve(topics, registry, "--emit-scores", log_path=log)
+    try:
+        wait_for(lambda: len(read_all(topics, topics.topics.alerts, idle_s=0.3, timeout_s=5)) >= 1, 60, what="v1 alert")
+        add_version(registry, weights=(0.6, 0.4))  # promoted: ``current`` moves to v0002
+        wait_for(lambda: log_has(log, "hot reload: v0001 -> v0002"), 30, what="hot reload")
+        bad = add_version(registry, promote=False)
+        (registry / bad / "model.onnx").write_bytes(b"tampered")
+        atomic_write_text(registry / "current", bad + "\n")
+        wait_for(lambda: log_has(log, f"hot reload of {bad} failed"), 30, what="failed reload logged")
+        produce(topics, topics.topics.sensors, second)
+        scores = alerts_of(read_all(topics, topics.topics.scores, expect=4 * 301, timeout_s=60))
+        alerts = alerts_of(read_all(topics, topics.topics.alerts, idle_s=1.0))
+    finally:
+        assert stop(proc) == 0
+    assert len(scores) == 4 * 301  # no reading skipped: 101 windows per key, then 200 more
+    assert {s["model_version"] for s in scores[-4 * 200:]} == {"v0002"}
+    versions = {a["entity"]: a["model_version"] for a in alerts if a["state"] == "open"}
+    assert versions == {"OHT-001": "v0001", "OHT-002": "v0002"}
+    assert Registry(registry).current_version() == bad  # the tampered one is current, yet v0002 kept serving
+
+
+def test_sigterm_commits_and_exits_zero(topics, registry, tmp_path) -> None:
+    data = readings(ENTITIES[:5], 150, seed=8, spikes={"OHT-003": [120]})
+    produce(topics, topics.topics.sensors, data)
+    log = tmp_path / "serve.log"
+    proc = start_serve(topics, registry, "--metrics-port", "0", "--group", "sigterm-group", log_path=log)
+    try:
+        wait_for(lambda: log_has(log, "metrics on port"), 30, what="metrics server")
+        port = int(re.search(r"metrics on port (\d+)", log.read_text()).group(1))
+        read_all(topics, topics.topics.alerts, expect=1, timeout_s=60)
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200, 20,
+                 what="ready")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    finally:
+        rc = stop(proc, signal.SIGTERM)
+    assert rc == 0 and log_has(log, "stopped cleanly")
+    assert "fabwatch_readings_consumed_total" in metrics and 'fabwatch_model_info{provider=' in metrics
+    offsets = committed_offsets(topics, "sigterm-group", topics.topics.sensors, PARTITIONS)
+    assert sum(offsets.values()) == len(data)  # everything consumed is committed
