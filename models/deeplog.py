@@ -32,6 +32,8 @@ class DeepLogConfig:
     batch_size: int = 256
     learning_rate: float = 3e-3
     count_power: float = 1.0
+    backoff: float = 0.0
+    backoff_order: int = 2
     seed: int = 0
 
 
@@ -45,15 +47,29 @@ class TrainingSet:
     total_windows: int
 
 
-def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int) -> TrainingSet:
+def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int, backoff: float = 0.0,
+                 backoff_order: int = 2) -> TrainingSet:
     w = build_windows([vocab.encode(s) for s in sessions], h)
     _, first, inverse = np.unique(window_codes(w.windows, len(vocab)), return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     targets = np.zeros((len(first), len(vocab)), dtype=np.float32)
     np.add.at(targets, (inverse, w.next_keys), 1.0)
     counts = targets.sum(axis=1)
-    return TrainingSet(windows=np.ascontiguousarray(w.windows[first]), targets=targets / counts[:, None],
-                       counts=counts, total_windows=len(w.windows))
+    targets /= counts[:, None]
+    windows = np.ascontiguousarray(w.windows[first])
+    if backoff > 0:
+        # blend in the next-key distribution of the last 1..backoff_order keys, so a transition seen in
+        # training after the same recent keys ranks above never-seen ones even in a novel long context
+        blend = np.zeros_like(targets)
+        for k in range(1, backoff_order + 1):
+            _, short_inv = np.unique(window_codes(w.windows[:, -k:], len(vocab)), return_inverse=True)
+            short_inv = short_inv.reshape(-1)
+            table = np.zeros((short_inv.max() + 1, len(vocab)), dtype=np.float32)
+            np.add.at(table, (short_inv, w.next_keys), 1.0)
+            table /= table.sum(axis=1, keepdims=True)
+            blend += table[short_inv[first]]
+        targets = (1 - backoff) * targets + backoff * blend / backoff_order
+    return TrainingSet(windows=windows, targets=targets, counts=counts, total_windows=len(w.windows))
 
 
 def build_model(vocab_size: int, config: DeepLogConfig):
@@ -77,7 +93,7 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     vocab = Vocabulary.from_sessions(sessions)
-    data = training_set(sessions, vocab, config.h)
+    data = training_set(sessions, vocab, config.h, config.backoff, config.backoff_order)
     model = build_model(len(vocab), config)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="categorical_crossentropy")
     weights = data.counts ** config.count_power

@@ -45,7 +45,8 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float | None:
     return float(np.sum(precision * recall_gain))
 
 
-def pointwise(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[str, float | int | None]:
+def pointwise(y: np.ndarray, pred: np.ndarray, score: np.ndarray | None) -> dict[str, float | int | None]:
+    """Confusion counts and rates of ``pred``; ROC-AUC and PR-AUC of ``score`` (None without scores)."""
     y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
     tp, fp = int((y & pred).sum()), int((~y & pred).sum())
     fn, tn = int((y & ~pred).sum()), int((~y & ~pred).sum())
@@ -56,8 +57,8 @@ def pointwise(y: np.ndarray, pred: np.ndarray, score: np.ndarray) -> dict[str, f
         "f1": _safe_div(2 * precision * recall, precision + recall),
         "false_alarm_rate": _safe_div(fp, fp + tn),
         "missed_alarm_rate": _safe_div(fn, fn + tp),
-        "roc_auc": roc_auc(y, score),
-        "pr_auc": average_precision(y, score),
+        "roc_auc": roc_auc(y, score) if score is not None else None,
+        "pr_auc": average_precision(y, score) if score is not None else None,
     }
 
 

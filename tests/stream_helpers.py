@@ -3,6 +3,7 @@ subprocess (so it can be SIGKILLed / SIGTERMed), and read output topics back."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,6 +73,9 @@ def serve_env(settings: Settings) -> dict[str, str]:
     env["FABWATCH_HOME"] = str(settings.home)
     env["FABWATCH_MAX_MESSAGE_BYTES"] = str(settings.max_message_bytes)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # a SIGKILLed member leaves the group after the session timeout: keep it short so restarts are quick
+    env["FABWATCH_KAFKA_OPTIONS"] = json.dumps({"session.timeout.ms": "6000", "heartbeat.interval.ms": "500",
+                                                **settings.kafka_options})
     return env
 
 

@@ -205,4 +205,4 @@ def test_sigterm_commits_and_exits_zero(topics, registry, tmp_path) -> None:
     assert rc == 0 and log_has(log, "stopped cleanly")
     assert "fabwatch_readings_consumed_total" in metrics and 'fabwatch_model_info{provider=' in metrics
     offsets = committed_offsets(topics, "sigterm-group", topics.topics.sensors, PARTITIONS)
-    assert sum(offsets.values()) == len(data)  # everything consumed is committed
+    assert sum(o for o in offsets.values() if o >= 0) == len(data)  # everything consumed is committed
