@@ -15,6 +15,16 @@ CLOSE_RATIO = 0.8        # hysteresis: an open alert closes below 80 % of the al
 CRITICAL_Z = 3.0         # "critical" this many normal-score standard deviations above the alert threshold
 
 
+def positives(task: Task, y: np.ndarray, delay_alert_min: float = 5.0) -> np.ndarray:
+    """Which windows are events: label 1, or (regress) a delay above ``delay_alert_min`` minutes."""
+    return y > delay_alert_min if task == "regress" else y > 0.5
+
+
+def normal_mask(task: Task, n: int, y: np.ndarray | None, delay_alert_min: float = 5.0) -> np.ndarray:
+    """Windows that are not events (all of them when there are no labels)."""
+    return np.ones(n, bool) if y is None else ~positives(task, y, delay_alert_min)
+
+
 def calibration(scores: np.ndarray, normal: np.ndarray) -> dict[str, float]:
     """Mean and std of the score on normal validation windows: ``z = (score - mean) / std``."""
     ref = scores[normal] if normal.any() else scores
@@ -29,8 +39,8 @@ def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, t
     - regress: best F1 for "delay above ``delay_alert_min`` minutes", on predicted minutes;
     - forecast: the ``quantile`` of the validation error on normal windows (all windows when unlabelled).
     """
-    positive = None if y is None else (y > delay_alert_min if task == "regress" else y > 0.5)
-    normal = np.ones(len(scores), bool) if positive is None else ~positive
+    positive = None if y is None else positives(task, y, delay_alert_min)
+    normal = normal_mask(task, len(scores), y, delay_alert_min)
     if task == "forecast" or positive is None or not positive.any() or positive.all():
         alert, method = float(np.quantile(scores[normal], quantile)), f"q{quantile:g} of normal validation score"
         if task == "regress" and (positive is None or not positive.any()):
@@ -54,7 +64,7 @@ def score_metrics(task: Task, scores: np.ndarray, y: np.ndarray | None, threshol
         return out
     if task == "regress":
         out.update(mae_min=float(np.mean(np.abs(scores - y))), rmse_min=float(np.sqrt(np.mean((scores - y) ** 2))))
-    positive = y > delay_alert_min if task == "regress" else y > 0.5
+    positive = positives(task, y, delay_alert_min)
     out["positive_rate"] = float(positive.mean())
     if 0 < positive.sum() < len(positive):
         out.update(roc_auc=float(skm.roc_auc_score(positive, scores)),
@@ -68,7 +78,7 @@ def member_aucs(member_scores: np.ndarray, y: np.ndarray | None, names: list[str
     """Each member's own ROC-AUC on validation (how much each contributes)."""
     if y is None:
         return {}
-    positive = y > delay_alert_min if task == "regress" else y > 0.5
+    positive = positives(task, y, delay_alert_min)
     if not 0 < positive.sum() < len(positive):
         return {}
     return {n: float(skm.roc_auc_score(positive, member_scores[:, i])) for i, n in enumerate(names)}

@@ -1,9 +1,238 @@
-"""Commands of this area, registered on the root ``fabwatch`` app by ``stream.cli``."""
+"""Commands of this area, registered on the root ``fabwatch`` app by ``stream.cli``.
+
+Module-level imports stay light: TensorFlow loads inside the commands that need it.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from export.errors import UsageError
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
+TASKS = ("classify", "regress", "forecast")
+SIZES = ("full", "small", "tiny")
+
+
+def _emit(data: Any, as_json: bool, human: str) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
+    if value is not None and value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def synth(out: Annotated[Path, typer.Option("--out", help="output file, .parquet or .csv")],
+          entities: Annotated[int, typer.Option(help="vehicles and stockers")] = 8,
+          steps: Annotated[int, typer.Option(help="readings per entity, one a minute (10080 = a week)")] = 10_080,
+          seed: Annotated[int, typer.Option(help="same seed, same data")] = 0,
+          anomaly_rate: Annotated[float, typer.Option(help="fraction of rows inside injected events")] = 0.05,
+          as_json: JsonFlag = False) -> None:
+    """Synthetic fab material-handling readings with labelled injected events."""
+    import numpy as np
+
+    from models import synth as generator
+
+    table = generator.generate(entities, steps, seed, anomaly_rate)
+    generator.write(table, out)
+    events = table.column("event").to_numpy(zero_copy_only=False)
+    kinds, counts = np.unique(events[events != ""], return_counts=True)
+    info = {"out": str(out), "rows": table.num_rows, "entities": entities, "features": list(generator.FEATURES),
+            "label_rate": float(np.mean(table.column("label").to_numpy())),
+            "event_rows": {str(k): int(c) for k, c in zip(kinds, counts)}}
+    _emit(info, as_json, f"wrote {info['rows']} readings of {entities} entities to {out} "
+                         f"({info['label_rate']:.1%} labelled: {info['event_rows']})")
+
+
+def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet readings")],
+          registry: RegistryOpt,
+          label_col: Annotated[str, typer.Option("--label-col", help="label column (0/1, or delay minutes)")] = "label",
+          unsupervised: Annotated[bool, typer.Option("--unsupervised", help="no labels: the forecast task")] = False,
+          task: Annotated[Optional[str], typer.Option(help="classify | regress | forecast")] = None,
+          features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns (default: "
+                                                                "every numeric column but entity/ts/label/event)")] = None,
+          epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per stage (early stopping)")] = None,
+          quick: Annotated[bool, typer.Option("--quick", help="tiny ensemble, few epochs: CI and demos")] = False,
+          size: Annotated[Optional[str], typer.Option(help="full | small | tiny")] = None,
+          batch_size: Annotated[Optional[int], typer.Option(help="windows per batch")] = None,
+          stride: Annotated[Optional[int], typer.Option(help="a training window every STRIDE steps")] = None,
+          seed: Annotated[int, typer.Option(help="reproducible initialisation and shuffling")] = 0,
+          nan_tolerance: Annotated[Optional[float], typer.Option(help="largest fraction of missing values per "
+                                                                      "feature, forward-filled")] = None,
+          target_far: Annotated[Optional[float], typer.Option(help="threshold for this false-alarm rate "
+                                                                   "instead of best F1")] = None,
+          fp16: Annotated[bool, typer.Option("--fp16", help="also write model.fp16.onnx")] = False,
+          no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
+          warm_start: Annotated[bool, typer.Option("--warm-start", help="start from the current version")] = False,
+          as_json: JsonFlag = False) -> None:
+    """Train the ensemble, export it to ONNX, commit it to the registry and promote it."""
+    from pydantic import ValidationError
+
+    _choice(task, TASKS, "--task")
+    _choice(size, SIZES, "--size")
+    if unsupervised and task not in (None, "forecast"):
+        raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
+    _log_to_stderr()
+    from models.train import TrainConfig, train as run
+
+    options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
+               "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
+               "promote": not no_promote, "warm_start": warm_start,
+               "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
+               **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
+                                        nan_tolerance=nan_tolerance, target_far=target_far).items() if v is not None}}
+    try:
+        config = TrainConfig.quick(**options) if quick else TrainConfig(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UsageError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}") from None
+    result = run(config)
+    m = result.manifest
+    summary = {"version": result.version, "promoted": result.promoted, "task": m.task, "seconds": result.seconds,
+               "thresholds": m.thresholds.model_dump() if m.thresholds else None, "parity": m.parity,
+               "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
+               "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
+    auc = m.metrics.get("roc_auc")
+    _emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
+                            f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
+                            + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}")
+
+
+def export(registry: RegistryOpt,
+           version: Annotated[Optional[str], typer.Option(help="version whose Keras model to export "
+                                                               "(default: current)")] = None,
+           fp16: Annotated[bool, typer.Option("--fp16", help="also write model.fp16.onnx")] = False,
+           no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
+           as_json: JsonFlag = False) -> None:
+    """Re-export a version's Keras model to ONNX as a new registry version (versions are immutable)."""
+    _log_to_stderr()
+    from export.registry import Registry
+    from models.train import load_keras, write_version
+
+    reg = Registry(registry)
+    vdir, manifest = reg.resolve(version)
+    source = manifest.version
+    manifest.extra["exported_from"] = source
+    new, promoted = write_version(load_keras(vdir), manifest.model_copy(update={"files": {}, "parity": {}}), reg,
+                                  fp16=fp16, promote=not no_promote)
+    parity = reg.manifest(new).parity
+    _emit({"version": new, "from": source, "promoted": promoted, "parity": parity}, as_json,
+          f"{new} exported from {source} ({'promoted' if promoted else 'not promoted'}), parity {parity}")
+
+
+def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")] = "full",
+                   features: Annotated[int, typer.Option(help="features per reading")] = 12,
+                   window: Annotated[int, typer.Option(help="steps per window")] = 100,
+                   task: Annotated[str, typer.Option(help="classify | regress | forecast")] = "classify",
+                   as_json: JsonFlag = False) -> None:
+    """Parameter count of every member, the gate and the whole ensemble, against the design figures."""
+    _choice(size, SIZES, "--size")
+    _choice(task, TASKS, "--task")
+    from models import ensemble
+
+    counts = ensemble.parameter_counts(ensemble.build(window, features, task, size))
+    design = {name: module.DESIGN_PARAMS for name, module in ensemble.MEMBERS.items()} | {"total": ensemble.DESIGN_PARAMS}
+    rows = {name: {"parameters": n, "design": design.get(name),
+                   "deviation": (n - design[name]) / design[name] if size == "full" and name in design else None}
+            for name, n in counts.items()}
+    lines = [f"{'member':<14}{'parameters':>12}{'design':>10}{'deviation':>11}"]
+    lines += [f"{name:<14}{r['parameters']:>12,}{r['design'] or '':>10}"
+              f"{'' if r['deviation'] is None else format(r['deviation'], '+.1%'):>11}" for name, r in rows.items()]
+    _emit({"size": size, "window": window, "features": features, "task": task, "members": rows}, as_json,
+          "\n".join(lines))
+
+
+def registry_list(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
+    """Every version with its task, creation time, parity and validation ROC-AUC; * marks current."""
+    from export.registry import Registry
+
+    reg = Registry(registry)
+    current = reg.current_version()
+    rows = []
+    for v in reg.versions():
+        m = reg.manifest(v)
+        rows.append({"version": v, "current": v == current, "created": m.created, "task": m.task,
+                     "features": len(m.feature_names), "parity": m.parity, "roc_auc": m.metrics.get("roc_auc")})
+    human = "\n".join(f"{'*' if r['current'] else ' '} {r['version']}  {r['created']}  {r['task']:<9}"
+                      f" F={r['features']}  roc_auc={r['roc_auc'] if r['roc_auc'] is None else round(r['roc_auc'], 3)}"
+                      f"  parity={r['parity']}" for r in rows) or f"no versions in {registry}"
+    _emit({"current": current, "versions": rows}, as_json, human)
+
+
+def registry_promote(version: Annotated[str, typer.Argument(help="version to serve, e.g. v0003")],
+                     registry: RegistryOpt, as_json: JsonFlag = False) -> None:
+    """Verify a version's hashes and make it current."""
+    from export.registry import Registry, RegistryError
+
+    reg = Registry(registry)
+    if version not in reg.versions():
+        raise UsageError(f"no version {version} in {registry} (have {', '.join(reg.versions()) or 'none'})")
+    try:
+        reg.promote(version)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    _emit({"current": version}, as_json, f"{version} is now current")
+
+
+def registry_rollback(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
+    """Serve the version that served before the current one again."""
+    from export.registry import Registry
+
+    reg = Registry(registry)
+    before = reg.current_version()
+    manifest = reg.rollback()
+    _emit({"current": manifest.version, "previous": before}, as_json,
+          f"rolled back from {before} to {manifest.version}")
+
+
+def bench_inference(batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,32,256,1024",
+                    providers: Annotated[Optional[str], typer.Option(help="comma-separated onnxruntime providers "
+                                                                          "(default: every available one)")] = None,
+                    budget_s: Annotated[float, typer.Option(help="seconds of timed runs per batch size")] = 3.0,
+                    train_steps: Annotated[int, typer.Option(help="training batches timed")] = 4,
+                    as_json: JsonFlag = False) -> None:
+    """ONNX latency p50/p99 and windows/s of the full-size ensemble per provider; training windows/s."""
+    from models.bench import inference
+
+    try:
+        sizes = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise UsageError(f"--batches must be comma-separated integers, got {batches!r}") from None
+    result = inference(sizes, [p.strip() for p in providers.split(",")] if providers else None, budget_s,
+                       train_steps=train_steps)
+    m = result["machine"]
+    lines = [f"{m['command']}", f"{m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}; "
+             f"full ensemble {result['model']['parameters']:,} parameters"]
+    for provider, rows in result["providers"].items():
+        lines += [f"{provider:<26} batch {r['batch']:>5}: p50 {r['p50_ms']:9.2f} ms  p99 {r['p99_ms']:9.2f} ms  "
+                  f"{r['windows_per_s']:10.0f} windows/s" for r in rows]
+    t = result["training"]
+    lines.append(f"training ({t['device']}, batch {t['batch']}): {t['windows_per_s']:.0f} windows/s")
+    _emit(result, as_json, "\n".join(lines))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
+    app.command("synth")(synth)
+    app.command("train")(train)
+    app.command("export")(export)
+    models_app = typer.Typer(help="The ensemble's architecture.", no_args_is_help=True)
+    models_app.command("summary")(models_summary)
+    app.add_typer(models_app, name="models")
+    registry_app = typer.Typer(help="Model registry: versions, promote, rollback.", no_args_is_help=True)
+    registry_app.command("list")(registry_list)
+    registry_app.command("promote")(registry_promote)
+    registry_app.command("rollback")(registry_rollback)
+    app.add_typer(registry_app, name="registry")
+    bench_app.command("inference")(bench_inference)

@@ -85,12 +85,11 @@ def _numeric(table: pa.Table, name: str) -> np.ndarray:
 
 
 def infer_features(table: pa.Table, label_col: str | None) -> list[str]:
-    """Every numeric column that is not entity, ts, label, event or the label column."""
+    """Every column but entity, ts, label, event and the label column (a text column is an error, named)."""
     skip = META_COLS | ({label_col} if label_col else set())
-    names = [f.name for f in table.schema if f.name not in skip
-             and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))]
+    names = [name for name in table.column_names if name not in skip]
     if not names:
-        raise UsageError("no numeric feature columns found: name them with --features")
+        raise UsageError("no feature columns found: name them with --features")
     return names
 
 
@@ -135,7 +134,10 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
         entity_names, entity = ["all"], np.zeros(table.num_rows, np.int64)
     order = np.lexsort((_timestamps(table), entity))
 
-    x = np.column_stack([_numeric(table, c) for c in feature_names])[order]
+    try:
+        x = np.column_stack([_numeric(table, c) for c in feature_names])[order]
+    except UsageError as exc:
+        raise UsageError(f"{exc}{'' if features else ' (or name the feature columns with --features)'}") from None
     bad = ~np.isfinite(x)
     frac = bad.mean(axis=0)
     if (frac > nan_tolerance).any():
@@ -185,13 +187,19 @@ def apply_scaler(x: np.ndarray, scaler: Scaler) -> np.ndarray:
     return ((x - np.asarray(scaler.mean, np.float32)) / np.asarray(scaler.std, np.float32)).astype(np.float32)
 
 
-def windows(x: np.ndarray, y: np.ndarray | None, window: int, stride: int = 1) -> Windows:
-    """All windows of one contiguous segment (stride tricks, one copy), labelled by their last step."""
+def windows(x: np.ndarray, y: np.ndarray | None, window: int, stride: int = 1, keep_events: bool = False) -> Windows:
+    """Every ``stride``-th window of one contiguous segment (stride tricks, one copy), labelled by its last step.
+
+    ``keep_events``: also every window that ends on an event (y > 0), so a sparse stride still sees short events.
+    """
     if len(x) < window:
         return Windows(np.empty((0, window, x.shape[1]), np.float32), None if y is None else np.empty(0, np.float32))
-    view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)[::stride]  # [n, F, window]
-    ends = np.arange(window - 1, len(x), stride)
-    return Windows(np.ascontiguousarray(view.transpose(0, 2, 1)), None if y is None else y[ends])
+    view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)  # [n, F, window], no copy
+    ends = np.arange(window - 1, len(x))
+    keep = (ends - window + 1) % stride == 0
+    if keep_events and y is not None:
+        keep |= y[ends] > 0
+    return Windows(np.ascontiguousarray(view[keep].transpose(0, 2, 1)), None if y is None else y[ends[keep]])
 
 
 def _concat(parts: list[Windows]) -> Windows:
@@ -200,10 +208,11 @@ def _concat(parts: list[Windows]) -> Windows:
 
 
 def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: int = 1,
-          val_stride: int | None = None) -> Split:
+          val_stride: int | None = None, keep_events: bool = False) -> Split:
     """Per-entity time split: the first ``1 - val_fraction`` of each entity's rows train, the rest validate.
 
-    Windows never straddle the boundary (no leakage); the scaler sees training rows only.
+    Windows never straddle the boundary (no leakage); the scaler sees training rows only. ``keep_events`` keeps
+    every event window in the training split whatever the stride (validation stays unbiased).
     """
     n = len(table.x)
     starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1]
@@ -213,7 +222,7 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
     scaler = fit_scaler(table.x[train_rows])
     xs = apply_scaler(table.x, scaler)
     y = table.y
-    train = [windows(xs[s:c], None if y is None else y[s:c], window, stride) for s, c, _ in cuts]
+    train = [windows(xs[s:c], None if y is None else y[s:c], window, stride, keep_events) for s, c, _ in cuts]
     val = [windows(xs[c:e], None if y is None else y[c:e], window, val_stride or stride) for _, c, e in cuts]
     tr, va = _concat(train), _concat(val)
     if len(tr.x) == 0 or len(va.x) == 0:

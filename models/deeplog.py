@@ -1,16 +1,20 @@
 """DeepLog (Du et al., CCS 2017): an LSTM that predicts the next log key from the previous h keys.
 
-Architecture: key embedding -> 2 stacked LSTMs (64 units) -> softmax over the vocabulary (PAD, UNK,
-EOS and the keys seen in training). Windows come from ``stream.logscore.build_windows`` so training
-and serving frame sessions identically (leading padding, trailing EOS; see that module).
+Architecture: key embedding -> 2 stacked LSTMs (64 units) -> softmax over the vocabulary (PAD, UNK
+and the keys seen in training). Windows come from ``stream.logscore.build_windows`` so training and
+serving frame sessions identically (leading padding, see that module).
 
 Training is on distinct windows: HDFS's ~100k training windows are ~4k distinct ones, so each
-distinct window is one sample whose target is the empirical distribution of its next keys and whose
-weight is its count. That cross-entropy is exactly the sum over all windows, at a 25th of the cost.
+distinct window is one sample whose target is the empirical distribution of its next keys. Weighting
+each by its count would reproduce the plain cross-entropy over all windows at a 25th of the cost; we
+weight by ``count ** count_power`` (0.5 by default) instead, so that rare but normal contexts still
+rank their next keys within the top-g: on HDFS, count weighting left 1.4 % of distinct training
+windows with a next key outside the top-9 after 20 epochs and doubled the false positives.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stream.logscore import Vocabulary, build_windows, window_codes
+from stream.logscore import SPECIALS, Vocabulary, build_windows, next_key_ranks, session_max_rank, window_codes
 
 
 @dataclass
@@ -28,12 +32,10 @@ class DeepLogConfig:
     units: int = 64
     layers: int = 2
     embedding: int = 16
-    epochs: int = 60
+    epochs: int = 100
     batch_size: int = 256
     learning_rate: float = 3e-3
-    count_power: float = 1.0
-    backoff: float = 0.0
-    backoff_order: int = 2
+    count_power: float = 0.5
     seed: int = 0
 
 
@@ -47,8 +49,7 @@ class TrainingSet:
     total_windows: int
 
 
-def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int, backoff: float = 0.0,
-                 backoff_order: int = 2) -> TrainingSet:
+def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int) -> TrainingSet:
     w = build_windows([vocab.encode(s) for s in sessions], h)
     _, first, inverse = np.unique(window_codes(w.windows, len(vocab)), return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -57,18 +58,6 @@ def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int, b
     counts = targets.sum(axis=1)
     targets /= counts[:, None]
     windows = np.ascontiguousarray(w.windows[first])
-    if backoff > 0:
-        # blend in the next-key distribution of the last 1..backoff_order keys, so a transition seen in
-        # training after the same recent keys ranks above never-seen ones even in a novel long context
-        blend = np.zeros_like(targets)
-        for k in range(1, backoff_order + 1):
-            _, short_inv = np.unique(window_codes(w.windows[:, -k:], len(vocab)), return_inverse=True)
-            short_inv = short_inv.reshape(-1)
-            table = np.zeros((short_inv.max() + 1, len(vocab)), dtype=np.float32)
-            np.add.at(table, (short_inv, w.next_keys), 1.0)
-            table /= table.sum(axis=1, keepdims=True)
-            blend += table[short_inv[first]]
-        targets = (1 - backoff) * targets + backoff * blend / backoff_order
     return TrainingSet(windows=windows, targets=targets, counts=counts, total_windows=len(w.windows))
 
 
@@ -93,7 +82,7 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     vocab = Vocabulary.from_sessions(sessions)
-    data = training_set(sessions, vocab, config.h, config.backoff, config.backoff_order)
+    data = training_set(sessions, vocab, config.h)
     model = build_model(len(vocab), config)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="categorical_crossentropy")
     weights = data.counts ** config.count_power
@@ -103,35 +92,63 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
                         batch_size=config.batch_size, shuffle=True, verbose=verbose)
     seconds = time.perf_counter() - t0
     probs = model.predict(data.windows, batch_size=4096, verbose=0)
-    top = np.argsort(-probs, axis=1)[:, :config.top_g]
-    # share of training windows whose next key is within top-g (a normal-data recall check)
-    seen = np.array([np.isin(np.flatnonzero(t), row).all() for t, row in zip(data.targets, top)])
+    # share of distinct training windows whose every next key ranks within the top-g (fit on normal data)
+    ranks = np.argsort(np.argsort(-probs[:, len(SPECIALS):], axis=1), axis=1)
+    worst = np.where(data.targets[:, len(SPECIALS):] > 0, ranks, -1).max(axis=1)
     figures = {"sessions": len(sessions), "windows": data.total_windows, "distinct_windows": len(data.windows),
                "vocabulary": len(vocab.keys), "epochs": config.epochs, "train_seconds": seconds,
                "final_loss": float(history.history["loss"][-1]),
-               "distinct_windows_all_next_in_top_g": float(seen.mean())}
+               "distinct_windows_all_next_in_top_g": float((worst < config.top_g).mean())}
     return model, vocab, figures
 
 
+def choose_top_g(sessions: Sequence[Sequence[str]], config: DeepLogConfig, holdout: float = 0.2,
+                 max_fpr: float = 0.0015) -> tuple[int, dict]:
+    """Pick g on normal sessions held out from training: the smallest g (most sensitive) whose
+    held-out false-positive rate is at most ``max_fpr``, else the g with the fewest false positives.
+
+    g = 9 is the paper's choice for 29 keys; with HDFS's ~14 keys in training the same g leaves far
+    fewer impossible keys, so it is chosen from data here rather than assumed. Only normal data is
+    used: the abnormal sets stay untouched for the benchmark.
+    """
+    order = np.random.default_rng(config.seed).permutation(len(sessions))
+    cut = int(len(sessions) * (1 - holdout))
+    fit_on = [sessions[i] for i in order[:cut]]
+    held = [sessions[i] for i in order[cut:]]
+    model, vocab, _ = train(fit_on, config)
+    w = build_windows([vocab.encode(s) for s in held], config.h)
+    _, first, inverse = np.unique(window_codes(w.windows, len(vocab)), return_index=True, return_inverse=True)
+    probs = model.predict(w.windows[first], batch_size=4096, verbose=0)[inverse.reshape(-1)]
+    worst = session_max_rank(w, next_key_ranks(probs, w.next_keys), held, config.h)
+    fpr = {g: float((worst >= g).mean()) for g in range(1, len(vocab.keys) + 1)}
+    ok = [g for g, rate in fpr.items() if rate <= max_fpr]
+    chosen = ok[0] if ok else min(fpr, key=lambda g: (fpr[g], g))
+    return chosen, {"holdout_sessions": len(held), "max_fpr": max_fpr, "chosen": chosen,
+                    "holdout_fpr_by_g": fpr}
+
+
 def export_to_registry(model: Any, vocab: Vocabulary, config: DeepLogConfig, registry: Path | str,
-                       figures: dict, data_fingerprint: str = "", promote: bool = True,
-                       parity_windows: np.ndarray | None = None) -> str:
-    """ONNX export (fused LSTM, parity-checked on real windows) into a new registry version."""
+                       figures: dict, data_fingerprint: str = "", promote: bool = True) -> str:
+    """ONNX export (fused LSTM, parity-checked on random windows over the whole vocabulary) into a new
+    registry version; promoted unless ``promote`` is False."""
     from export.onnx_export import keras_to_onnx
     from export.registry import Manifest, Registry
 
     reg = Registry(registry)
     staging = reg.stage()
-    if parity_windows is None:
-        parity_windows = np.random.default_rng(config.seed).integers(0, len(vocab), (256, config.h), dtype=np.int32)
-    report = keras_to_onnx(model, staging / "model.onnx", input_name="keys", output_names=["probs"],
-                           sample_inputs=np.ascontiguousarray(parity_windows, dtype=np.int32))
+    parity_windows = np.random.default_rng(config.seed).integers(0, len(vocab), (256, config.h), dtype=np.int32)
+    try:
+        report = keras_to_onnx(model, staging / "model.onnx", input_name="keys", output_names=["probs"],
+                               sample_inputs=parity_windows)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-built version behind
+        raise
     manifest = Manifest(
         version="pending", created="", task="logkeys", feature_names=["log_key"], window=config.h,
         inputs={"keys": [None, config.h]}, outputs=["probs"], parity={"model.onnx": report.parity_max_abs},
         data_fingerprint=data_fingerprint, metrics={"training": figures},
         extra={"vocabulary": vocab.keys, "h": config.h, "top_g": config.top_g,
-               "specials": {"pad": 0, "unk": 1, "eos": 2}, "config": asdict(config),
+               "specials": {"pad": 0, "unk": 1}, "config": asdict(config),
                "onnx_ops": report.op_histogram})
     version = reg.commit(staging, manifest)
     if promote:

@@ -45,24 +45,42 @@ def build_gate(window: int, n_features: int, n_members: int, size: Size = "full"
     return keras.Model(inputs, keras.layers.Softmax(dtype="float32", name="softmax")(x), name="gate")
 
 
+def _stack(members: list[keras.Model], outs: list[tf.Tensor], task: Task, n_features: int) -> tf.Tensor:
+    """Member outputs side by side: [B,M] (probability or minutes) or [B,M,F] (forecasts)."""
+    if task != "forecast":
+        return keras.layers.Concatenate(name="member_concat")(outs)
+    return keras.layers.Concatenate(axis=1, name="forecasts")(
+        [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)])
+
+
+def _combine(stacked: tf.Tensor, weights: tf.Tensor, inputs: tf.Tensor, task: Task) -> dict[str, tf.Tensor]:
+    """The contract's outputs from stacked member outputs and gate weights."""
+    if task == "forecast":
+        member_err, feature_err = ForecastCombine(name="combine")([stacked, weights, LastStep(name="target")(inputs)])
+        return {"weights": weights, "member_scores": member_err, "feature_error": feature_err,
+                "score": MeanOverFeatures(name="mean_error")(feature_err)}
+    return {"weights": weights, "member_scores": stacked, "score": WeightedSum(name="weighted")([stacked, weights])}
+
+
 def assemble(members: list[keras.Model], gate: keras.Model, window: int, n_features: int,
              task: Task) -> keras.Model:
     """Wire trained (or fresh) members and a gate into the serving model with the contract's outputs."""
     inputs = keras.Input((window, n_features), name="window")
     context = DropLastStep(name="context")(inputs) if task == "forecast" else inputs
-    outs = [m(context) for m in members]
-    weights = gate(inputs)
-    named = {"weights": weights}
-    if task == "forecast":
-        forecasts = keras.layers.Concatenate(axis=1, name="forecasts")(
-            [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)])
-        member_err, feature_err = ForecastCombine(name="combine")([forecasts, weights, LastStep(name="target")(inputs)])
-        named.update(member_scores=member_err, feature_error=feature_err, score=MeanOverFeatures(name="mean_error")(feature_err))
-    else:
-        member_scores = keras.layers.Concatenate(name="member_concat")(outs)
-        named.update(member_scores=member_scores, score=WeightedSum(name="weighted")([member_scores, weights]))
+    stacked = _stack(members, [m(context) for m in members], task, n_features)
+    named = _combine(stacked, gate(inputs), inputs, task)
     outputs = [keras.layers.Activation("linear", dtype="float32", name=n)(named[n]) for n in output_names(task)]
     return keras.Model(inputs, outputs, name="ensemble")
+
+
+def gate_trainer(gate: keras.Model, window: int, n_features: int, n_members: int, task: Task) -> keras.Model:
+    """The gate on precomputed outputs of the frozen members: the ensemble's score with the same math, but
+    without running the members every epoch (their outputs cannot change while frozen)."""
+    inputs = keras.Input((window, n_features), name="window")
+    stacked = keras.Input((n_members, n_features) if task == "forecast" else (n_members,), name="member_outputs")
+    score = _combine(stacked, gate(inputs), inputs, task)["score"]
+    return keras.Model([inputs, stacked], keras.layers.Activation("linear", dtype="float32", name="score")(score),
+                       name="gate_trainer")
 
 
 def build(window: int = 100, n_features: int = 12, task: Task = "classify", size: Size = "full",
@@ -84,4 +102,3 @@ def members_of(model: keras.Model) -> tuple[list[keras.Model], keras.Model]:
     return [model.get_layer(n) for n in MEMBERS], model.get_layer("gate")
 
 
-__all__ = ["MEMBERS", "build", "build_member", "build_gate", "assemble", "parameter_counts", "members_of", "tf"]

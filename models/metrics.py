@@ -1,9 +1,10 @@
-"""Detection metrics, pointwise and event-wise. numpy only: offline evaluation runs on the serving
-install, without TensorFlow or scikit-learn."""
+"""Detection metrics, pointwise and event-wise (numpy + scikit-learn, no TensorFlow: offline
+evaluation runs on the serving install)."""
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn import metrics as skm
 
 DAY_MS = 86_400_000
 
@@ -13,36 +14,15 @@ def _safe_div(num: float, den: float) -> float:
 
 
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float | None:
-    """Probability that a random positive scores above a random negative (ties count half);
-    None when only one class is present."""
+    """ROC-AUC; None when only one class is present (it is undefined there)."""
     y = np.asarray(y).astype(bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), np.float64)
-    sorted_scores = np.asarray(score)[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+    return float(skm.roc_auc_score(y, score)) if 0 < y.sum() < len(y) else None
 
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float | None:
-    """PR-AUC as average precision: mean of the precision at the rank of each positive
-    (tied scores are taken together); None without positives."""
+    """PR-AUC as average precision; None without positives."""
     y = np.asarray(y).astype(bool)
-    if not y.any():
-        return None
-    order = np.argsort(-np.asarray(score), kind="mergesort")
-    s, t = np.asarray(score)[order], y[order]
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each tie group
-    tp = np.cumsum(t)[distinct]
-    fp = (distinct + 1) - tp
-    precision = tp / (tp + fp)
-    recall_gain = np.diff(np.r_[0, tp]) / y.sum()
-    return float(np.sum(precision * recall_gain))
+    return float(skm.average_precision_score(y, score)) if y.any() else None
 
 
 def pointwise(y: np.ndarray, pred: np.ndarray, score: np.ndarray | None) -> dict[str, float | int | None]:

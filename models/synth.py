@@ -2,7 +2,7 @@
 sensor noise and labelled injected events. Deterministic by seed. No TensorFlow here (the stream side reuses it).
 
 Every row is one reading: ``entity, ts (epoch ms), <12 features>, label (0/1), event`` where ``event`` names the
-injected event covering that row (``""`` when normal).
+injected event covering that row (``""`` when normal) and ``label`` is 1 where the event shows in the data.
 """
 
 from __future__ import annotations
@@ -94,33 +94,33 @@ _INJECTORS: dict[str, Callable[[np.ndarray, np.random.Generator, int], int]] = {
     "spike": _spike, "level_shift": _level_shift, "drift": _drift, "stuck": _stuck, "delay": _delay}
 # drawn in this proportion; spikes are short, so more of them
 _EVENT_P = np.array([0.35, 0.15, 0.15, 0.15, 0.2])
+DRIFT_UNLABELLED = 0.4  # first share of a drift left unlabelled
+_TAIL = 700  # rows generated past the end so an event near the end is cut off, not left out
 _MEAN_LEN = {"spike": 2, "level_shift": 130, "drift": 350 + 60, "stuck": 130, "delay": 95}
 
 
 def _inject(x: np.ndarray, rng: np.random.Generator, anomaly_rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """Place non-overlapping events until about ``anomaly_rate`` of the rows are labelled."""
-    steps = len(x)
-    event = np.full(steps, "", dtype=object)
+    """Place non-overlapping events, about ``anomaly_rate`` of the rows, one after another with random normal
+    stretches between them (``x`` has ``_TAIL`` extra rows at its end, cut off afterwards)."""
+    steps = len(x) - _TAIL
+    event = np.full(len(x), "", dtype=object)
+    label = np.zeros(len(x), np.int8)
     mean_len = float(_EVENT_P @ np.array([_MEAN_LEN[e] for e in EVENTS]))
-    n_events = max(1, int(round(anomaly_rate * steps / mean_len)))
-    slots = np.sort(rng.choice(np.arange(150, max(151, steps - 700), 50), size=n_events, replace=False)) \
-        if steps > 900 else np.array([150])
-    free_from = 0
-    for start in slots:
-        start = int(start)
-        if start < free_from:
-            continue
+    mean_gap = mean_len * (1 - anomaly_rate) / anomaly_rate
+    start = int(rng.integers(50, 50 + mean_gap))
+    while start < steps:
         kind = str(rng.choice(EVENTS, p=_EVENT_P))
-        length = _INJECTORS[kind](x, rng, start)
-        event[start:start + length] = kind
-        end = start + length
+        end = start + _INJECTORS[kind](x, rng, start)
+        event[start:end] = kind
+        # a drift's early ramp is below the noise floor: labelled from where it reaches about 2 noise std
+        label[start + int(DRIFT_UNLABELLED * (end - start)) if kind == "drift" else start:end] = 1
         if kind == "drift":  # wear leads to a delay episode right after the drift
-            delay_len = _delay(x, rng, end, int(rng.integers(40, 100)))
-            event[end:end + delay_len] = "delay"
-            end += delay_len
-        free_from = end + 100  # leave a normal stretch between events
-    label = (event != "").astype(np.int8)
-    return label, event
+            delay_end = end + _delay(x, rng, end, int(rng.integers(40, 100)))
+            event[end:delay_end] = "delay"
+            label[end:delay_end] = 1
+            end = delay_end
+        start = end + 20 + int(rng.exponential(mean_gap))  # a normal stretch between events
+    return label[:steps], event[:steps]
 
 
 def generate(entities: int = 8, steps: int = 10_080, seed: int = 0, anomaly_rate: float = 0.05) -> pa.Table:
@@ -133,9 +133,10 @@ def generate(entities: int = 8, steps: int = 10_080, seed: int = 0, anomaly_rate
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("entity", "ts", *FEATURES, "label", "event")}
     for e, child in enumerate(root.spawn(entities)):
         rng = np.random.default_rng(child)
-        x = _normal_series(rng, steps)
+        x = _normal_series(rng, steps + _TAIL)
         label, event = _inject(x, rng, anomaly_rate) if anomaly_rate > 0 else (
             np.zeros(steps, np.int8), np.full(steps, "", dtype=object))
+        x = x[:steps]
         kind = "OHT" if e % 4 else "STK"
         columns["entity"].append(np.full(steps, f"{kind}-{e:03d}", dtype=object))
         columns["ts"].append(START_MS + np.arange(steps, dtype=np.int64) * STEP_MS)

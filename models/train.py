@@ -2,8 +2,11 @@
 
 The design documents' approach: each member learns the task on its own (early stopping on validation loss),
 then the gating network learns per-input weights over the frozen members. Mixed precision on a GPU,
-``MirroredStrategy`` over several GPUs, reproducible with a seed. The result is one registry version holding
-``model.onnx`` (+ ``model.fp16.onnx``), the Keras model under ``keras/`` (warm start) and the manifest.
+``MirroredStrategy`` over several GPUs, reproducible with a seed. One run gives one registry version:
+``model.onnx`` (+ ``model.fp16.onnx``), the Keras model under ``keras/`` (warm start) and the manifest, whose
+thresholds and metrics come from the exported ONNX graph itself on the validation split.
+
+This module imports TensorFlow: the CLI and the trainer import it inside the commands that train.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from export.errors import UsageError
+from export.onnx_export import keras_to_onnx, to_fp16
 from export.registry import Manifest, Registry
-from models import calibrate, data
-from models.common import Size, Task
+from export.runtime import create_session
+from models import calibrate, data, ensemble
+from models.common import Size, Task, prediction_loss
+from models.tf import keras, tf
 
 log = logging.getLogger(__name__)
 KERAS_FILE = "keras/ensemble.keras"
@@ -38,10 +44,10 @@ class TrainConfig(BaseModel):
     size: Size = "full"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
-    learning_rate: float = 1e-3
+    learning_rate: float = Field(1e-3, gt=0)
     patience: int = Field(3, ge=1, description="early stopping: epochs without validation improvement")
     window: int = Field(100, ge=2)
-    stride: int = Field(1, ge=1, description="training windows start every STRIDE steps")
+    stride: int = Field(1, ge=1, description="training (and early-stopping) windows start every STRIDE steps")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     nan_tolerance: float = Field(0.01, ge=0, le=1)
     target_far: float | None = Field(None, gt=0, lt=1, description="choose the threshold for this false-alarm rate")
@@ -50,13 +56,13 @@ class TrainConfig(BaseModel):
     fp16: bool = False
     promote: bool = True
     warm_start: bool = Field(False, description="start from the current version's Keras weights")
+    time_budget_s: float | None = Field(None, gt=0, description="end every stage after the epoch that passes it")
 
     @classmethod
     def quick(cls, **overrides: Any) -> "TrainConfig":
-        """The tiny ensemble for a few epochs on every 4th window: CI and demos, about a minute on 2 cores."""
-        settings = {"size": "tiny", "epochs": 4, "batch_size": 64, "stride": 4, "patience": 2,
-                    "learning_rate": 3e-3} | overrides
-        return cls(**settings)
+        """The tiny ensemble, a few epochs on every 8th window: CI and demos, a minute or two on 2 cores."""
+        return cls(**({"size": "tiny", "epochs": 3, "batch_size": 64, "stride": 8, "patience": 2,
+                       "learning_rate": 5e-3} | overrides))
 
 
 class TrainResult(BaseModel):
@@ -66,167 +72,199 @@ class TrainResult(BaseModel):
     seconds: float
 
 
-def _strategy():
-    """MirroredStrategy across GPUs when there are several; mixed precision whenever there is a GPU."""
-    from models.tf import keras, tf
+class Deadline(keras.callbacks.Callback):
+    """Stops a stage after the epoch in which the run's time budget ran out (every stage gets one epoch)."""
 
+    def __init__(self, deadline: float):
+        super().__init__()
+        self.deadline = deadline
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if time.monotonic() > self.deadline:
+            self.model.stop_training = True
+
+
+def _strategy() -> tuple[tf.distribute.Strategy, bool]:
+    """MirroredStrategy across GPUs when there are several; mixed precision whenever there is a GPU."""
     gpus = tf.config.list_physical_devices("GPU")
     keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")
     return (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()), bool(gpus)
 
 
-def _dataset(x: np.ndarray, y: np.ndarray | None, task: Task, batch: int, seed: int, shuffle: bool, member: bool):
-    """tf.data over windows. Forecast: members get (context, next step); the ensemble gets the whole window."""
-    from models.tf import tf
+def _dataset(inputs: np.ndarray | tuple[np.ndarray, ...], target: np.ndarray | None, batch: int, seed: int,
+             shuffle: bool, forecast_member: bool = False) -> tf.data.Dataset:
+    """tf.data over windows (for the gate: windows and the frozen members' outputs).
 
-    ds = tf.data.Dataset.from_tensor_slices(x if task == "forecast" else (x, y))
+    ``forecast_member``: the member sees all steps but the last, and the last is its target.
+    """
+    n = len(inputs[0] if isinstance(inputs, tuple) else inputs)
+    if forecast_member:
+        ds = tf.data.Dataset.from_tensor_slices(inputs)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((inputs, np.zeros(n, np.float32) if target is None else target))
     if shuffle:
-        ds = ds.shuffle(min(len(x), 20_000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(min(n, 20_000), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch)
-    if task == "forecast":
-        ds = ds.map((lambda w: (w[:, :-1], w[:, -1])) if member else (lambda w: (w, tf.zeros(tf.shape(w)[0]))),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+    if forecast_member:
+        ds = ds.map(lambda w: (w[:, :-1], w[:, -1]), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _loss(task: Task, target_std: float, ensemble: bool):
-    from models.common import prediction_loss
-    from models.tf import keras
-
+def _loss(task: Task, target_std: float, gate: bool) -> keras.losses.Loss:
     if task == "classify":
         return keras.losses.BinaryCrossentropy()
     if task == "regress":
         return keras.losses.Huber(delta=max(target_std, 1e-3))
-    return prediction_loss if ensemble else keras.losses.MeanSquaredError()
+    return prediction_loss if gate else keras.losses.MeanSquaredError()
 
 
-def _fit(model, train_ds, val_ds, cfg: TrainConfig, loss, what: str) -> dict[str, float]:
-    from models.tf import keras
+def _fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, cfg: TrainConfig,
+         loss: keras.losses.Loss, deadline: float) -> dict[str, float]:
+    """One stage: Adam, early stopping (best weights kept), Keras' progress bar.
 
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
-    stop = keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True)
-    log.info("training %s (%s parameters trainable)", what, f"{sum(np.prod(w.shape) for w in model.trainable_weights):,}")
+    Classification stops on validation ROC-AUC, not loss: training keeps every event window, so its class
+    balance differs from validation's and the validation loss mostly measures that shift.
+    """
+    by_auc = cfg.task == "classify"
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss,
+                  metrics=[keras.metrics.AUC(name="auc")] if by_auc else None)
+    stop = keras.callbacks.EarlyStopping(monitor="val_auc" if by_auc else "val_loss", mode="max" if by_auc else "min",
+                                         patience=cfg.patience, restore_best_weights=True)
+    callbacks = [stop, Deadline(deadline)]
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    log.info("training %s (%s trainable parameters)", model.name, f"{trainable:,}")
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[stop],
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
                         verbose=1 if sys.stderr.isatty() else 2)
-    epochs = len(history.history["loss"])
-    return {"epochs": epochs, "seconds": time.perf_counter() - start,
-            "best_val_loss": float(min(history.history["val_loss"]))}
+    best = {f"best_{k}": float(max(v) if k == "val_auc" else min(v))
+            for k, v in history.history.items() if k in ("val_loss", "val_auc")}
+    return {"epochs": len(history.history["loss"]), "seconds": time.perf_counter() - start, **best}
 
 
-def _float32_copy(model, build_args: dict):
-    """The same weights in a float32 model: export and saving never carry mixed-precision casts."""
-    from models import ensemble
-    from models.tf import keras
-
-    keras.mixed_precision.set_global_policy("float32")
-    clone = ensemble.build(**build_args)
-    clone.set_weights(model.get_weights())
-    return clone
+def _member_outputs(members: list[keras.Model], x: np.ndarray, forecast: bool) -> np.ndarray:
+    """The frozen members' outputs stacked: [N,M] or, for forecasts, [N,M,F]."""
+    context = x[:, :-1] if forecast else x
+    outs = [m.predict(context, batch_size=1024, verbose=0) for m in members]
+    return np.stack(outs, axis=1) if forecast else np.concatenate(outs, axis=1)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Load, split, train members and gate, calibrate, export, commit (and promote)."""
-    started = time.perf_counter()
-    table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window)
-    split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1)
-    if cfg.task == "classify" and not split.train.y.any():
-        raise UsageError(f"label column {cfg.label_col!r} has no positive windows in the training split")
-    log.info("%d training / %d validation windows of %d x %d (%s)", len(split.train.x), len(split.val.x),
-             cfg.window, len(split.feature_names), ", ".join(split.feature_names))
-
-    from models import ensemble
-    from models.tf import keras, tf
-
+def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float]) -> tuple[keras.Model, dict]:
+    """Members one by one, then the gate on their frozen outputs; a float32 ensemble and a per-stage report."""
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     strategy, mixed = _strategy()
     n_features = len(split.feature_names)
-    target_mean, target_std = ((float(split.train.y.mean()), float(split.train.y.std() or 1.0))
-                               if cfg.task == "regress" else (0.0, 1.0))
     build_args = dict(window=cfg.window, n_features=n_features, task=cfg.task, size=cfg.size,
-                      target_mean=target_mean, target_std=target_std)
+                      target_mean=target[0], target_std=target[1])
     batch = cfg.batch_size * strategy.num_replicas_in_sync
+    deadline = time.monotonic() + (cfg.time_budget_s or float("inf"))
+    forecast = cfg.task == "forecast"
+    y_train, y_val = (None, None) if forecast else (split.train.y, split.val.y)
+    # early stopping watches validation windows at the training stride; the manifest's figures use all of them
+    val_x = split.val.x[::cfg.stride]
+    val_y = None if y_val is None else y_val[::cfg.stride]
     report: dict[str, Any] = {}
     with strategy.scope():
         model = ensemble.build(**build_args)
         if cfg.warm_start:
             _warm_start(model, Registry(cfg.registry), split.feature_names, cfg)
         members, gate = ensemble.members_of(model)
-        member_train = _dataset(split.train.x, split.train.y, cfg.task, batch, cfg.seed, True, member=True)
-        member_val = _dataset(split.val.x, split.val.y, cfg.task, batch, cfg.seed, False, member=True)
+        member_train = _dataset(split.train.x, y_train, batch, cfg.seed, True, forecast_member=forecast)
+        member_val = _dataset(val_x, val_y, batch, cfg.seed, False, forecast_member=forecast)
         for member in members:
-            report[member.name] = _fit(member, member_train, member_val, cfg, _loss(cfg.task, target_std, False),
-                                       member.name)
-            member.trainable = False
-        report["gate"] = _fit(model, _dataset(split.train.x, split.train.y, cfg.task, batch, cfg.seed, True, member=False),
-                              _dataset(split.val.x, split.val.y, cfg.task, batch, cfg.seed, False, member=False),
-                              cfg, {"score": _loss(cfg.task, target_std, True)}, "gate (members frozen)")
-    for member in members:
-        member.trainable = True
-    if mixed:
-        model = _float32_copy(model, build_args)
+            report[member.name] = _fit(member, member_train, member_val, cfg, _loss(cfg.task, target[1], False),
+                                       deadline)
+        trainer = ensemble.gate_trainer(gate, cfg.window, n_features, len(members), cfg.task)
+        report["gate"] = _fit(
+            trainer, _dataset((split.train.x, _member_outputs(members, split.train.x, forecast)), y_train, batch,
+                              cfg.seed, True),
+            _dataset((val_x, _member_outputs(members, val_x, forecast)), val_y, batch, cfg.seed, False),
+            cfg, _loss(cfg.task, target[1], True), deadline)
+    if mixed:  # export and the Keras file carry no mixed-precision casts
+        keras.mixed_precision.set_global_policy("float32")
+        weights = model.get_weights()
+        model = ensemble.build(**build_args)
+        model.set_weights(weights)
+    seconds = sum(r["seconds"] for r in report.values())
+    report["windows_per_s"] = sum(r["epochs"] for r in report.values()) * len(split.train.x) / seconds
+    report["train_windows"] = len(split.train.x)
+    return model, report
 
-    fit_windows = sum(r["epochs"] for r in report.values()) * len(split.train.x)
-    fit_seconds = sum(r["seconds"] for r in report.values())
-    score, member_scores = (np.asarray(o) for o in model.predict(split.val.x, batch_size=512, verbose=0)[:2])
-    thresholds = calibrate.choose_thresholds(cfg.task, score, split.val.y, target_far=cfg.target_far,
-                                             delay_alert_min=cfg.delay_alert_min)
-    normal = np.ones(len(score), bool) if split.val.y is None else (
-        split.val.y <= cfg.delay_alert_min if cfg.task == "regress" else split.val.y < 0.5)
-    metrics = calibrate.score_metrics(cfg.task, score, split.val.y, thresholds, cfg.delay_alert_min)
-    metrics["member_roc_auc"] = calibrate.member_aucs(member_scores, split.val.y, list(ensemble.MEMBERS), cfg.task,
-                                                      cfg.delay_alert_min)
-    metrics["training"] = {**report, "train_windows": len(split.train.x), "windows_per_s": fit_windows / fit_seconds}
-    log.info("validation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
 
+def train(cfg: TrainConfig) -> TrainResult:
+    """Load, split, fit, export, calibrate on the exported graph, commit (and promote)."""
+    started = time.perf_counter()
+    table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window)
+    # supervised: every event window trains whatever the stride (short events are rare at a sparse stride)
+    split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1,
+                       keep_events=cfg.task != "forecast")
+    if cfg.task == "classify" and not split.train.y.any():
+        raise UsageError(f"label column {cfg.label_col!r} has no positive windows in the training split")
+    log.info("%d training / %d validation windows of %d x %d (%s)", len(split.train.x), len(split.val.x),
+             cfg.window, len(split.feature_names), ", ".join(split.feature_names))
+    target = ((float(split.train.y.mean()), float(split.train.y.std() or 1.0)) if cfg.task == "regress"
+              else (0.0, 1.0))
+    model, report = fit_ensemble(split, cfg, target)
     manifest = Manifest(
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
-        scaler=split.scaler, thresholds=thresholds, calibration=calibrate.calibration(score, normal),
-        members=list(ensemble.MEMBERS), data_fingerprint=table.fingerprint, metrics=metrics,
-        extra={"size": cfg.size, "parameters": ensemble.parameter_counts(model),
-               "config": cfg.model_dump(mode="json"), "target": {"mean": target_mean, "std": target_std}})
-    version, promoted = write_version(model, manifest, Registry(cfg.registry), fp16=cfg.fp16, promote=cfg.promote)
-    return TrainResult(version=version, promoted=promoted, manifest=Registry(cfg.registry).manifest(version),
+        scaler=split.scaler, members=list(ensemble.MEMBERS), data_fingerprint=table.fingerprint,
+        metrics={"training": report},
+        extra={"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
+               "target": {"mean": target[0], "std": target[1]}})
+    registry = Registry(cfg.registry)
+    version, promoted = write_version(model, manifest, registry, fp16=cfg.fp16, promote=cfg.promote,
+                                      validation=(split.val, cfg))
+    return TrainResult(version=version, promoted=promoted, manifest=registry.manifest(version),
                        seconds=time.perf_counter() - started)
 
 
-def _warm_start(model, registry: Registry, feature_names: list[str], cfg: TrainConfig) -> None:
-    """Copy the current version's weights when it has the same features, task and size."""
+def calibrate_on(onnx_path: Path, manifest: Manifest, val: data.Windows, cfg: TrainConfig) -> None:
+    """Thresholds, calibration and validation metrics from the exported graph's own scores."""
+    session = create_session(onnx_path, ["CPUExecutionProvider"])
+    outs = [session.run(["score", "member_scores"], {"window": val.x[i:i + 1024]}) for i in range(0, len(val.x), 1024)]
+    score = np.concatenate([o[0] for o in outs]).reshape(-1)
+    member_scores = np.concatenate([o[1] for o in outs])
+    manifest.thresholds = calibrate.choose_thresholds(cfg.task, score, val.y, target_far=cfg.target_far,
+                                                      delay_alert_min=cfg.delay_alert_min)
+    normal = calibrate.normal_mask(cfg.task, len(score), val.y, cfg.delay_alert_min)
+    manifest.calibration = calibrate.calibration(score, normal)
+    manifest.metrics.update(calibrate.score_metrics(cfg.task, score, val.y, manifest.thresholds, cfg.delay_alert_min))
+    manifest.metrics["member_roc_auc"] = calibrate.member_aucs(member_scores, val.y, manifest.members, cfg.task,
+                                                               cfg.delay_alert_min)
+    log.info("validation: %s", {k: round(v, 4) for k, v in manifest.metrics.items() if isinstance(v, float)})
+
+
+def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str], cfg: TrainConfig) -> None:
+    """Copy the current version's weights when it has the same features, task, size and window."""
     vdir, manifest = registry.resolve()
-    same = (manifest.feature_names == feature_names and manifest.task == cfg.task
-            and manifest.extra.get("size") == cfg.size and manifest.window == cfg.window)
-    if not same:
+    if (manifest.feature_names, manifest.task, manifest.extra.get("size"), manifest.window) != (
+            feature_names, cfg.task, cfg.size, cfg.window):
         raise UsageError(f"cannot warm-start from {manifest.version}: its features, task, size or window differ")
     model.set_weights(load_keras(vdir).get_weights())
     log.info("warm start from %s", manifest.version)
 
 
-def load_keras(version_dir: Path):
-    """The Keras ensemble saved in a registry version (custom layers registered on import)."""
-    from models import ensemble  # noqa: F401  registers the custom layers
-    from models.tf import keras
-
+def load_keras(version_dir: Path) -> keras.Model:
+    """The Keras ensemble saved in a registry version (its custom layers are registered by ``models.ensemble``)."""
     return keras.models.load_model(version_dir / KERAS_FILE, compile=False)
 
 
-def write_version(model, manifest: Manifest, registry: Registry, fp16: bool = False,
-                  promote: bool = True) -> tuple[str, bool]:
-    """Export ``model`` to ONNX (+ fp16) beside its Keras file, commit a registry version, promote it."""
-    from export.onnx_export import keras_to_onnx, to_fp16
-    from models import ensemble
-
+def write_version(model: keras.Model, manifest: Manifest, registry: Registry, fp16: bool = False,
+                  promote: bool = True, validation: tuple[data.Windows, TrainConfig] | None = None) -> tuple[str, bool]:
+    """Export ``model`` to ONNX (+ fp16) beside its Keras file, calibrate on ``validation`` when given,
+    commit a registry version and promote it. A failure anywhere leaves the registry as it was."""
     staging = registry.stage()
     try:
-        outputs = list(ensemble.output_names(manifest.task))
-        report = keras_to_onnx(model, staging / "model.onnx", output_names=outputs)
+        report = keras_to_onnx(model, staging / "model.onnx", output_names=list(ensemble.output_names(manifest.task)))
         manifest.parity = {"model.onnx": report.parity_max_abs}
         if fp16:
             manifest.parity["model.fp16.onnx"] = to_fp16(staging / "model.onnx", staging / "model.fp16.onnx")
         manifest.inputs = {"window": [None, manifest.window, len(manifest.feature_names)]}
         manifest.outputs = report.outputs
         manifest.extra["onnx_ops"] = report.op_histogram
-        (staging / "keras").mkdir()
+        if validation is not None:
+            calibrate_on(staging / "model.onnx", manifest, *validation)
+        (staging / KERAS_FILE).parent.mkdir()
         model.save(staging / KERAS_FILE, save_format="keras")
         version = registry.commit(staging, manifest)
     except BaseException:

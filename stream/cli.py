@@ -198,6 +198,58 @@ def _evaluation_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- sidecar trainer ------------------------------------------------------------------------------
+
+@app.command("trainer")
+def trainer_cmd(
+    registry: Annotated[Path, typer.Option("--registry", help="model registry to improve (needs a current version)")],
+    store: Annotated[Path, typer.Option("--store", help="Parquet store of the readings seen")] = Path(".fabwatch/store"),
+    every: Annotated[Optional[str], typer.Option("--every", help="retrain every DURATION (30m, 6h, 1d)")] = None,
+    daily: Annotated[Optional[str], typer.Option("--daily", help="retrain daily at HH:MM (UTC)")] = None,
+    once: Annotated[bool, typer.Option("--once", help="ingest what is there, retrain now, exit")] = False,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="stop training after DURATION")] = None,
+    margin: Annotated[float, typer.Option(min=0, help="promote unless worse than serving by this fraction")] = 0.02,
+    recent_days: Annotated[int, typer.Option(min=1, help="days of recent readings to train on")] = 7,
+    older_sample: Annotated[int, typer.Option(min=0, help="reservoir sample of older readings")] = 200_000,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="override the training epochs")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="few epochs, every 4th window (demo, CI)")] = False,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics on this port")] = None,
+    bootstrap: BootstrapOpt = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The sidecar retrainer: store what flows through Kafka, retrain, gate, promote, notify processors."""
+    import logging
+    import signal
+
+    from models.trainer import Trainer, TrainerOptions, parse_every, serve_metrics
+
+    if sum(x is not None and x is not False for x in (every, daily, once or None)) != 1:
+        raise UsageError("choose one schedule: --every DURATION, --daily HH:MM or --once")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = TrainerOptions(registry=registry, store=store, recent_days=recent_days, older_sample=older_sample,
+                             margin=margin, time_budget_s=parse_every(time_budget) if time_budget else None,
+                             epochs=epochs, quick=quick)
+    trainer = Trainer(settings_for(bootstrap), options)
+    if metrics_port is not None:
+        serve_metrics(trainer.metrics, metrics_port)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        trainer.run(every_s=parse_every(every) if every else None, daily=daily, once=once, stop=lambda: stopping)
+    finally:
+        trainer.close()
+    if once:
+        history = trainer.registry.root / "decisions.jsonl"
+        last = history.read_text().splitlines()[-1] if history.exists() else "{}"
+        emit(json.loads(last), as_json, last)
+
+
 # ---- benchmarks -----------------------------------------------------------------------------------
 
 @bench_app.command("kafka")

@@ -8,6 +8,7 @@ accept in the common ``{"entity", "ts" (number), "values"}`` shape; anything els
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -39,7 +40,8 @@ class BatchDecoder:
         self.max_bytes = max_bytes
 
     def _fast(self, raw: bytes) -> tuple[str, int, list, int] | None:
-        """(entity, ts, values, label) when the message is certainly valid in the common shape, else None."""
+        """(entity, ts, values, label) when the message has the common shape, else None. The element
+        types of ``values`` are checked for the whole batch at once in ``decode``."""
         try:
             d = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -56,13 +58,17 @@ class BatchDecoder:
             ts = int(ts)
         else:
             return None
-        if type(values) is not list or len(values) != self.width or not {type(v) for v in values} <= _NUMBER:
+        if type(values) is not list or len(values) != self.width:
             return None
         if label is None:
             label = -1
         elif label not in (-1, 0, 1) or type(label) is not int:
             return None
         return entity, ts, values, label
+
+    def _slow(self, raw: bytes | None) -> tuple[str, int, list, int]:
+        reading, vector = self.slow.decode(raw)
+        return reading.entity, reading.ts, vector.tolist(), -1 if reading.label is None else reading.label
 
     def decode(self, raws: Sequence[bytes | None]) -> DecodedColumns:
         index: list[int] = []
@@ -75,23 +81,36 @@ class BatchDecoder:
             fast = self._fast(raw) if raw is not None and len(raw) <= self.max_bytes else None
             if fast is None:
                 try:
-                    reading, vector = self.slow.decode(raw)
+                    fast = self._slow(raw)
                 except Rejected as exc:
                     rejected.append((i, exc))
                     continue
-                fast = reading.entity, reading.ts, vector.tolist(), -1 if reading.label is None else reading.label
             index.append(i)
             keys.append(fast[0])
             ts.append(fast[1])
             rows.append(fast[2])
             labels.append(fast[3])
-        values = np.array(rows, dtype=np.float32).reshape(len(rows), self.width)
+        dropped: set[int] = set()
+        if not set(map(type, chain.from_iterable(rows))) <= _NUMBER:  # rare: let the schema judge those rows
+            for j, row in enumerate(rows):
+                if not set(map(type, row)) <= _NUMBER:
+                    try:
+                        keys[j], ts[j], rows[j], labels[j] = self._slow(raws[index[j]])
+                    except Rejected as exc:
+                        rejected.append((index[j], exc))
+                        rows[j] = [0.0] * self.width
+                        dropped.add(j)
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            values = np.array(rows, dtype=np.float32).reshape(len(rows), self.width)
         ts_arr = np.asarray(ts, dtype=np.int64) if ts and max(ts) < MAX_TS_MS else np.asarray(
             [t if t < MAX_TS_MS else -1 for t in ts], dtype=np.int64)
         finite = np.isfinite(values).all(axis=1)
         good = finite & (ts_arr >= 0)
+        good[list(dropped)] = False
         if not good.all():  # finite doubles beyond float32's range, or timestamps beyond year 3084
             for j in np.flatnonzero(~good).tolist():
+                if j in dropped:
+                    continue
                 rejected.append((index[j], Rejected(RejectReason.non_finite, "a value overflows float32")
                                  if not finite[j] else Rejected(RejectReason.bad_timestamp, "timestamp out of range")))
             keep = np.flatnonzero(good)

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 from export.errors import UsageError
 
@@ -51,12 +51,15 @@ class TemplateMatcher:
     def __init__(self, templates: Sequence[tuple[str, str]]):
         if not templates:
             raise UsageError("the template file has no templates")
+        self.templates = dict(templates)
         scored = []
         for event_id, template in templates:
-            literals = [part.strip() for part in template.split("<*>")]
-            pattern = r".*?".join(r"\s*".join(map(re.escape, part.split())) for part in template.split("<*>"))
-            scored.append((sum(map(len, literals)), event_id, re.compile(rf"^\s*{pattern}\s*$", re.DOTALL),
-                           max(literals, key=len)))
+            parts = template.split("<*>")
+            literals = [part.strip() for part in parts]
+            # variable parts match anything; whitespace inside a literal matches any whitespace run
+            pattern = r".*?".join(r"\s+".join(map(re.escape, part.split())) for part in parts)
+            anchor = max((token for part in parts for token in part.split()), key=len, default="")
+            scored.append((sum(map(len, literals)), event_id, re.compile(rf"^\s*{pattern}\s*$", re.DOTALL), anchor))
         scored.sort(key=lambda t: -t[0])
         self._templates = [(event_id, regex, anchor) for _, event_id, regex, anchor in scored]
 
@@ -106,6 +109,7 @@ class DrainMatcher:
     def event_id(self, content: str) -> str:
         return f"D{self._miner.add_log_message(content)['cluster_id']}"
 
+    @property
     def templates(self) -> dict[str, str]:
         return {f"D{c.cluster_id}": c.get_template() for c in self._miner.drain.clusters}
 
@@ -126,24 +130,16 @@ def parse_lines(lines: Iterable[str], matcher: TemplateMatcher | DrainMatcher) -
 
 def parse_file(path: Path, templates: Path | None = None) -> tuple[list[LogRow], dict[str, str]]:
     """Parse a raw HDFS log; returns the rows and the event templates used (id -> template)."""
-    matcher: TemplateMatcher | DrainMatcher
-    if templates is not None:
-        matcher = TemplateMatcher.from_csv(templates)
-        with open(templates, newline="") as f:
-            used = {r["EventId"]: r["EventTemplate"] for r in csv.DictReader(f)}
-    else:
-        matcher = DrainMatcher()
+    matcher = TemplateMatcher.from_csv(templates) if templates is not None else DrainMatcher()
     try:
         with open(path, errors="replace") as f:
             rows = list(parse_lines(f, matcher))
     except FileNotFoundError:
         raise UsageError(f"log file {path} not found") from None
-    if isinstance(matcher, DrainMatcher):
-        used = matcher.templates()
-    return rows, used
+    return rows, matcher.templates
 
 
-def write_rows(rows: Iterable[LogRow], out) -> None:
+def write_rows(rows: Iterable[LogRow], out: IO[str]) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["LineId", "BlockId", "EventId"])
     for row in rows:

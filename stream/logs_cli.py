@@ -43,10 +43,10 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _labelled(normal: Path | None, abnormal: Path | None, labeled: Path | None) -> tuple[list, list[int]]:
+def _labelled(normal: Path | None, abnormal: Path | None, labeled: Path | None) -> tuple[list[list[str]], list[int]]:
     from stream.logscore import read_sessions
 
-    sessions: list = []
+    sessions: list[list[str]] = []
     labels: list[int] = []
     for path, label in ((normal, 0), (abnormal, 1)):
         if path is not None:
@@ -109,13 +109,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               registry: RegistryOpt,
               h: Annotated[int, typer.Option("--h", help="window: keys of context")] = 10,
               top_g: Annotated[int, typer.Option("--top-g", help="next key must be among the g most likely")] = 9,
+              choose_g: Annotated[bool, typer.Option("--choose-g", help="pick g on 20 %% held-out normal sessions "
+                                                     "instead (trains twice)")] = False,
               epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
               seed: Annotated[int, typer.Option("--seed")] = 0,
               no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
               as_json: JsonFlag = False) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), store in the registry."""
-        result = _train(data, registry, h=h, top_g=top_g, epochs=epochs, seed=seed, promote=not no_promote)
-        _emit(result, as_json, f"trained {result['version']} on {result['training']['sessions']} sessions in "
+        result = _train(data, registry, h=h, top_g=top_g, choose_g=choose_g, epochs=epochs, seed=seed,
+                        promote=not no_promote)
+        _emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
+              f"{result['training']['sessions']} sessions in "
               f"{result['training']['train_seconds']:.1f}s; ONNX parity {result['parity_max_abs']:.1e}; "
               f"{'promoted' if result['promoted'] else 'not promoted'}")
 
@@ -142,23 +146,25 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                    registry: Annotated[Optional[Path], typer.Option("--registry", help="keep the model here "
                                                                     "(default: a temporary registry)")] = None,
                    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+                   top_g: Annotated[Optional[int], typer.Option("--top-g", help="fix g (default: chosen on held-out "
+                                                                "normal training sessions)")] = None,
                    uncached_limit: Annotated[int, typer.Option("--uncached-limit", help="windows for the uncached "
                                                                 "rate (-1: all)")] = -1,
                    as_json: JsonFlag = False) -> None:
         """Train on hdfs_train; evaluate on hdfs_test_abnormal + the normal sessions of the labelled CSV, and
         on the labelled CSV as a whole; compare with the paper and this issue's targets."""
-        result = _bench(data_dir, registry, epochs, None if uncached_limit < 0 else uncached_limit)
+        result = _bench(data_dir, registry, epochs, top_g, None if uncached_limit < 0 else uncached_limit)
         human = "\n\n".join(f"[{name}]\n{_summary(r)}" for name, r in result["evaluations"].items())
         _emit(result, as_json, f"{human}\n\ntargets: {json.dumps(result['targets'])}")
 
 
-def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, epochs: int | None = None, seed: int = 0,
-           promote: bool = True) -> dict[str, Any]:
+def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bool = False, epochs: int | None = None,
+           seed: int = 0, promote: bool = True) -> dict[str, Any]:
     """Read normal sessions, train, export and commit; the figures for the CLI and the benchmark."""
     from dataclasses import asdict
 
     from export.registry import Registry, sha256_file
-    from models.deeplog import DeepLogConfig, export_to_registry, train as fit
+    from models.deeplog import DeepLogConfig, choose_top_g, export_to_registry, train as fit
     from stream.logscore import read_sessions
 
     sessions, labels = read_sessions(data)
@@ -169,7 +175,12 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, epochs: int 
     config = DeepLogConfig(h=h, top_g=top_g, seed=seed)
     if epochs is not None:
         config.epochs = epochs
+    choice = None
+    if choose_g:
+        config.top_g, choice = choose_top_g(sessions, config)
     model, vocab, figures = fit(sessions, config)
+    if choice is not None:
+        figures["top_g_choice"] = choice
     version = export_to_registry(model, vocab, config, registry, figures, data_fingerprint=sha256_file(data),
                                  promote=promote)
     manifest = Registry(registry).manifest(version)
@@ -178,7 +189,8 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, epochs: int 
             "onnx_ops": manifest.extra["onnx_ops"]}
 
 
-def _bench(data_dir: Path, registry: Path | None, epochs: int | None, uncached_limit: int | None) -> dict[str, Any]:
+def _bench(data_dir: Path, registry: Path | None, epochs: int | None, top_g: int | None,
+           uncached_limit: int | None) -> dict[str, Any]:
     import tempfile
 
     from stream.logscore import LogKeyScorer, evaluate as run, read_sessions
@@ -189,7 +201,7 @@ def _bench(data_dir: Path, registry: Path | None, epochs: int | None, uncached_l
             raise UsageError(f"{path} not found: point --data-dir at the HDFS data set")
     with tempfile.TemporaryDirectory(prefix="fabwatch-bench-logs-") as tmp:
         root = registry or Path(tmp) / "registry"
-        trained = _train(files["hdfs_train"], root, epochs=epochs)
+        trained = _train(files["hdfs_train"], root, top_g=top_g or 9, choose_g=top_g is None, epochs=epochs)
         scorer = LogKeyScorer.from_registry(root, trained["version"])
         abnormal, _ = read_sessions(files["hdfs_test_abnormal"])
         labelled, labels = read_sessions(files["labeled_sessions_dev.csv"])

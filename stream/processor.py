@@ -97,6 +97,7 @@ class Processor:
         self._delivery_error: KafkaError | None = None
         self._failed = False
         self._last_housekeeping = 0.0
+        self._cap_evictions_seen = 0
         self.http: MetricsServer | None = None
 
         base = settings.client_config()
@@ -301,9 +302,12 @@ class Processor:
         if now - self._last_housekeeping < 5.0:
             return
         self._last_housekeeping = now
-        before = self.engine.windows.counters.evicted_ttl
+        counters = self.engine.windows.counters
+        ttl_before = counters.evicted_ttl
         self.engine.windows.evict_idle(now)
-        self.metrics.evicted.labels(why="ttl").inc(self.engine.windows.counters.evicted_ttl - before)
+        self.metrics.evicted.labels(why="ttl").inc(counters.evicted_ttl - ttl_before)
+        self.metrics.evicted.labels(why="cap").inc(counters.evicted_cap - self._cap_evictions_seen)
+        self._cap_evictions_seen = counters.evicted_cap
         self.metrics.live_keys.set(len(self.engine.windows))
         for tp in self.consumer.position([TopicPartition(self.topics.sensors, q) for q in sorted(self._assigned)]):
             try:

@@ -43,6 +43,8 @@ def serve(
     cooldown_ms: Annotated[int, typer.Option(min=0, help="event-time quiet period after a close")] = 0,
     max_keys: Annotated[int, typer.Option(min=1, help="cap on live keys (least recently seen evicted)")] = 100_000,
     key_ttl_s: Annotated[float, typer.Option(min=0, help="evict keys idle this long (0: never)")] = 6 * 3600.0,
+    rebuild_chunk: Annotated[int, typer.Option(min=1, help="readings re-read per step when rebuilding windows "
+                                               "after an assignment")] = 20_000,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Score the sensor stream with the registry's current model and produce alerts."""
@@ -55,7 +57,7 @@ def serve(
         raise UsageError(f"no model registry at {registry}")
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
                              stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
-                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port,
+                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, rebuild_chunk=rebuild_chunk,
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     if instance_id:
         config.instance_id = instance_id

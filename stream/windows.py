@@ -95,11 +95,13 @@ class WindowStore:
         seen = np.zeros(capacity, dtype=np.float64)
         hashes = np.zeros(capacity, dtype=np.uint64)
         part = np.full(capacity, -1, dtype=np.int32)
+        live = np.zeros(capacity, dtype=bool)
         if old:
+            live[:old] = self._live
             values[:old], ts[:old], count[:old] = self._values, self._ts, self._count
             last_ts[:old], seen[:old], hashes[:old], part[:old] = self._last_ts, self._seen, self._hash, self._part
         self._values, self._ts, self._count, self._last_ts = values, ts, count, last_ts
-        self._seen, self._hash, self._part = seen, hashes, part
+        self._seen, self._hash, self._part, self._live = seen, hashes, part, live
         self._keys.extend([None] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
 
@@ -108,13 +110,13 @@ class WindowStore:
             if len(self._keys) < self.max_keys:
                 self._alloc(min(self.max_keys, 2 * len(self._keys)))
             else:
-                live = np.flatnonzero(np.array([k is not None for k in self._keys]))
-                victim = int(live[np.argmin(self._seen[live])])
+                victim = int(np.argmin(np.where(self._live, self._seen, np.inf)))
                 self._release(victim)
                 self.counters.evicted_cap += 1
         slot = self._free.pop()
         self._slot[key] = slot
         self._keys[slot] = key
+        self._live[slot] = True
         self._count[slot], self._last_ts[slot], self._seen[slot] = 0, -1, now
         self._hash[slot] = np.uint64(key_hash(key))
         return slot
@@ -124,6 +126,7 @@ class WindowStore:
         if key is not None:
             del self._slot[key]
             self._keys[slot] = None
+            self._live[slot] = False
             self._free.append(slot)
 
     # ---- public -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import orjson
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from stream.config import Settings
 
@@ -44,7 +44,8 @@ def read_all(settings: Settings, topic: str, *, committed_only: bool = True, idl
     c = Consumer(settings.client_config(**{
         "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest", "enable.auto.commit": False,
         "isolation.level": "read_committed" if committed_only else "read_uncommitted"}))
-    c.subscribe([topic])
+    md = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(md.partitions)])
     out: list[bytes] = []
     deadline, last = time.monotonic() + timeout_s, time.monotonic()
     try:
@@ -109,8 +110,6 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 3
 
 
 def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
-    from confluent_kafka import TopicPartition
-
     c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False}))
     try:
         got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)

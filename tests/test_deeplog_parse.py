@@ -50,3 +50,19 @@ def test_hdfs_2k_agreement(templates: Path | None) -> None:
     assert agreement["lines"] == 2000
     assert agreement["mapped"] >= 0.99
     assert agreement["grouping_accuracy"] >= 0.99
+
+
+def test_parse_cli_json_summary(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from stream.cli import app
+
+    out = tmp_path / "rows.csv"
+    result = CliRunner().invoke(app, ["logs", "parse", str(FIXTURES / "hdfs_tiny.log"), "--templates",
+                                      str(FIXTURES / "hdfs_tiny_templates.csv"), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["parser"], summary["rows"], summary["lines"], summary["blocks"]) == ("templates", 8, 7, 3)
+    assert out.read_text().splitlines()[1] == "1,blk_-1608999687919862906,E5"

@@ -1,0 +1,56 @@
+"""Architecture: parameter counts at full size (build only, no training), outputs of every task, the summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from models import ensemble
+from stream.cli import app
+
+TOLERANCE = 0.15
+
+
+@pytest.fixture(scope="module")
+def full_classify():
+    return ensemble.build(window=100, n_features=12, task="classify", size="full")
+
+
+def test_full_size_parameter_counts_match_the_design(full_classify) -> None:
+    counts = ensemble.parameter_counts(full_classify)
+    for name, module in ensemble.MEMBERS.items():
+        assert abs(counts[name] - module.DESIGN_PARAMS) <= TOLERANCE * module.DESIGN_PARAMS, (name, counts[name])
+    assert abs(counts["total"] - ensemble.DESIGN_PARAMS) <= TOLERANCE * ensemble.DESIGN_PARAMS
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    assert counts["gate"] < 0.01 * counts["total"]  # the gate is small
+
+
+def test_contract_outputs_for_every_task(full_classify) -> None:
+    x = np.random.default_rng(0).standard_normal((3, 100, 12)).astype(np.float32)
+    score, member_scores, weights = (np.asarray(o) for o in full_classify(x))
+    assert full_classify.output_names == ["score", "member_scores", "weights"]
+    assert score.shape == (3,) and member_scores.shape == (3, 5) and weights.shape == (3, 5)
+    assert np.allclose(weights.sum(axis=1), 1, atol=1e-5) and ((0 <= member_scores) & (member_scores <= 1)).all()
+    assert np.allclose(score, (member_scores * weights).sum(axis=1), atol=1e-5)
+
+    forecast = ensemble.build(window=100, n_features=7, task="forecast", size="tiny")
+    x7 = np.random.default_rng(1).standard_normal((2, 100, 7)).astype(np.float32)
+    outs = dict(zip(forecast.output_names, (np.asarray(o) for o in forecast(x7))))
+    assert list(outs) == ["score", "member_scores", "weights", "feature_error"]
+    assert outs["feature_error"].shape == (2, 7) and np.allclose(outs["score"], outs["feature_error"].mean(axis=1))
+
+    regress = ensemble.build(window=100, n_features=3, task="regress", size="tiny", target_mean=30.0, target_std=10.0)
+    assert np.asarray(regress(np.zeros((1, 100, 3), np.float32))[0]).shape == (1,)
+
+
+def test_tiny_is_much_smaller_and_summary_reports_counts() -> None:
+    tiny = ensemble.parameter_counts(ensemble.build(size="tiny"))
+    assert tiny["total"] < 50_000
+    result = CliRunner().invoke(app, ["models", "summary", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["members"]
+    assert set(rows) == {*ensemble.MEMBERS, "gate", "total"}
+    assert all(abs(r["deviation"]) <= TOLERANCE for name, r in rows.items() if name != "gate")

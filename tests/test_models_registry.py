@@ -1,0 +1,106 @@
+"""Registry safety without TensorFlow: crash between writing a version and switching ``current``, a crash
+while committing, tamper refusal, promote / rollback through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import export.registry as registry_mod
+from export.registry import Registry, RegistryError
+from export.runtime import ScoringModel
+from stream.cli import app
+from stream.tiny_models import add_version
+
+
+def _scores(reg: Registry) -> tuple[str, np.ndarray]:
+    model = ScoringModel.from_registry(reg, providers=["CPUExecutionProvider"])
+    x = np.full((2, 100, 4), 10.0, np.float32)
+    x[0, -1, 0] = 30.0
+    return model.version, model.predict(x).score
+
+
+def test_crash_between_commit_and_switch_keeps_old_version_serving(tmp_path: Path, monkeypatch) -> None:
+    reg = Registry(tmp_path)
+    old = add_version(tmp_path)
+    served_before = _scores(reg)
+
+    real_write = registry_mod.atomic_write_text
+
+    def crash(path: Path, text: str) -> None:  # the process dies before `current` is replaced
+        if path.name == "current":
+            raise OSError("simulated crash before the rename of current")
+        real_write(path, text)
+
+    monkeypatch.setattr(registry_mod, "atomic_write_text", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        add_version(tmp_path, weights=(1.0, 0.0))
+    monkeypatch.undo()
+
+    assert len(reg.versions()) == 2          # the new version is complete on disk ...
+    assert reg.current_version() == old      # ... but the old one still serves
+    version, scores = _scores(reg)
+    assert version == old and np.allclose(scores, served_before[1])
+    reg.verify(reg.versions()[-1])           # and the new one is intact, ready to promote later
+
+
+def test_crash_while_committing_leaves_no_partial_version(tmp_path: Path, monkeypatch) -> None:
+    reg = Registry(tmp_path)
+    old = add_version(tmp_path)
+
+    def crash(src, dst) -> None:
+        raise OSError("simulated crash during the rename of the version directory")
+
+    monkeypatch.setattr(registry_mod.os, "rename", crash)
+    with pytest.raises(OSError):
+        add_version(tmp_path)
+    monkeypatch.undo()
+    assert reg.versions() == [old] and reg.current_version() == old
+    staging = list(tmp_path.glob(".staging-*"))
+    assert staging, "the half-built version stays in a hidden staging directory"
+    os.utime(staging[0], (0, 0))
+    reg.remove_stale_staging()
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("victim", ["model.onnx", "manifest.json"])
+def test_tampered_version_is_refused(tmp_path: Path, victim: str) -> None:
+    reg = Registry(tmp_path)
+    version = add_version(tmp_path)
+    path = tmp_path / version / victim
+    if victim == "model.onnx":
+        path.write_bytes(path.read_bytes() + b"\0")
+        match = "failed its sha256 check"
+    else:  # point the manifest at a file that is not there
+        manifest = json.loads(path.read_text())
+        manifest["files"]["extra.bin"] = "0" * 64
+        path.write_text(json.dumps(manifest))
+        match = "missing"
+    with pytest.raises(RegistryError, match=match):
+        ScoringModel.from_registry(reg)
+    with pytest.raises(RegistryError):
+        reg.promote(version)
+
+
+def test_registry_cli_list_promote_rollback(tmp_path: Path) -> None:
+    first = add_version(tmp_path)
+    second = add_version(tmp_path)
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["registry", "list", "--registry", str(tmp_path), "--json"])
+    assert listed.exit_code == 0, listed.output
+    info = json.loads(listed.output)
+    assert info["current"] == second and [v["version"] for v in info["versions"]] == [first, second]
+
+    rolled = runner.invoke(app, ["registry", "rollback", "--registry", str(tmp_path), "--json"])
+    assert rolled.exit_code == 0 and json.loads(rolled.output)["current"] == first
+    promoted = runner.invoke(app, ["registry", "promote", second, "--registry", str(tmp_path)])
+    assert promoted.exit_code == 0 and Registry(tmp_path).current_version() == second
+
+    missing = runner.invoke(app, ["registry", "promote", "v0042", "--registry", str(tmp_path)])
+    assert missing.exit_code != 0 and "no version v0042" in str(missing.exception)

@@ -1,0 +1,117 @@
+"""Quick training end to end (TensorFlow): held-out detection quality through the serving path, the exported
+graph (fused recurrent ops, parity, fp16), the manifest, re-export, and the forecast task.
+
+One tiny ensemble is trained once per session and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from export.onnx_export import FORBIDDEN_OPS, op_histogram
+from export.registry import Registry
+from export.runtime import ScoringModel
+from models import data, synth
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    from models.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("models-train")
+    path = root / "fab.parquet"
+    synth.write(synth.generate(entities=6, steps=2500, seed=0, anomaly_rate=0.1), path)
+    result = train(TrainConfig.quick(data=path, registry=root / "registry", fp16=True, val_fraction=0.3))
+    return result, Registry(root / "registry")
+
+
+def _held_out() -> tuple[np.ndarray, np.ndarray]:
+    """Raw windows and labels of fresh entities from another seed: nothing the model trained or calibrated on."""
+    table = synth.generate(entities=4, steps=1500, seed=1, anomaly_rate=0.1)
+    feats = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES]).reshape(4, 1500, 12)
+    label = table.column("label").to_numpy().astype(np.float32).reshape(4, 1500)
+    parts = [data.windows(feats[e], label[e], 100, stride=2) for e in range(4)]
+    return np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+
+
+def test_quick_training_detects_held_out_events(trained) -> None:
+    result, registry = trained
+    assert result.manifest.metrics["roc_auc"] >= 0.9, result.manifest.metrics
+    windows, labels = _held_out()
+    assert 0.03 < labels.mean() < 0.3
+    model = ScoringModel.from_registry(registry, providers=["CPUExecutionProvider"])
+    auc = roc_auc_score(labels, model.predict(windows).score)
+    noise = roc_auc_score(labels, np.random.default_rng(0).random(len(labels)))
+    assert auc >= 0.9, auc
+    assert noise < 0.6  # the same yardstick fails a model that outputs noise
+
+
+def test_exported_graph_is_fused_and_in_parity(trained) -> None:
+    from models.train import load_keras
+
+    result, registry = trained
+    vdir, manifest = registry.resolve(result.version)
+    for name in ("model.onnx", "model.fp16.onnx"):
+        ops = op_histogram(vdir / name)
+        assert not set(FORBIDDEN_OPS) & set(ops), ops
+        assert ops.get("LSTM", 0) >= 6 and ops.get("GRU", 0) == 3
+    assert manifest.parity["model.onnx"] <= 1e-4 and manifest.parity["model.fp16.onnx"] <= 1e-2
+
+    x = np.random.default_rng(3).standard_normal((64, 100, 12)).astype(np.float32)
+    keras_score = np.asarray(load_keras(vdir)(x)[0])
+    for fp16, tolerance in ((False, 1e-4), (True, 1e-2)):
+        onnx_model = ScoringModel(vdir, manifest.model_copy(update={"scaler": None}), ["CPUExecutionProvider"], fp16=fp16)
+        assert np.max(np.abs(onnx_model.predict(x).score - keras_score)) <= tolerance
+
+
+def test_manifest_holds_the_serving_contract(trained) -> None:
+    result, registry = trained
+    m = registry.verify(result.version)
+    assert registry.current_version() == result.version
+    assert m.task == "classify" and m.feature_names == list(synth.FEATURES) and len(m.scaler.mean) == 12
+    assert m.outputs == ["score", "member_scores", "weights"] and m.members == ["stacked_lstm", "residual_gru",
+                                                                               "cnn_lstm", "spike", "rule_based"]
+    assert 0 < m.thresholds.close < m.thresholds.alert < m.thresholds.critical and "F1" in m.thresholds.method
+    assert set(m.calibration) == {"mean", "std"} and m.calibration["std"] > 0
+    assert {"model.onnx", "model.fp16.onnx", "keras/ensemble.keras"} <= set(m.files)
+    assert m.metrics["training"]["windows_per_s"] > 0 and len(m.data_fingerprint) == 64
+
+
+def test_export_command_writes_a_new_version_from_the_keras_model(trained) -> None:
+    from stream.cli import app
+
+    result, registry = trained
+    out = CliRunner().invoke(app, ["export", "--registry", str(registry.root), "--version", result.version,
+                                   "--no-promote", "--json"])
+    assert out.exit_code == 0, out.output
+    info = json.loads(out.output[out.output.index("{"):])
+    assert info["from"] == result.version and not info["promoted"]
+    assert registry.current_version() == result.version
+    new = registry.verify(info["version"])
+    assert new.parity["model.onnx"] <= 1e-4 and new.thresholds == result.manifest.thresholds
+
+
+def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Path) -> None:
+    from models.train import TrainConfig, train
+
+    path = tmp_path / "fab.csv"
+    table = synth.generate(entities=2, steps=900, seed=2, anomaly_rate=0.05)
+    synth.write(table.drop_columns(["label"]), path)
+    result = train(TrainConfig.quick(data=path, registry=tmp_path / "reg", task="forecast", label_col=None,
+                                     epochs=1, stride=16))
+    m = result.manifest
+    assert m.outputs == ["score", "member_scores", "weights", "feature_error"] and "q0.99" in m.thresholds.method
+    model = ScoringModel.from_registry(tmp_path / "reg", providers=["CPUExecutionProvider"])
+    x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES])[:100][None].repeat(2, axis=0)
+    x[1, -1, 3] += 40 * np.asarray(m.scaler.std)[3]  # the newest motor temperature jumps
+    out = model.predict(x)
+    assert out.feature_error.shape == (2, 12) and int(np.argmax(out.feature_error[1])) == 3
+    assert out.score[1] > out.score[0]
