@@ -92,7 +92,12 @@ class ScoringModel:
     def scale(self, windows: np.ndarray) -> np.ndarray:
         if self._mean is None:
             return windows.astype(np.float32, copy=False)
-        return ((windows - self._mean) * self._inv_std).astype(np.float32, copy=False)
+        # flattened to [B, steps * F] with the scaler tiled per step: long inner loops instead of F-long ones
+        b, steps, f = windows.shape
+        mean, inv_std = np.tile(self._mean, steps), np.tile(self._inv_std, steps)
+        out = np.subtract(windows.reshape(b, steps * f), mean, dtype=np.float32)
+        out *= inv_std
+        return out.reshape(b, steps, f)
 
     def predict(self, windows: np.ndarray) -> ModelOutput:
         """Score raw windows; scaling happens here so every caller scales the same way."""

@@ -46,7 +46,8 @@ def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, t
         if task == "regress" and (positive is None or not positive.any()):
             alert, method = delay_alert_min, f"fixed {delay_alert_min:g} min (no delays in validation)"
     elif target_far is not None:
-        alert, method = float(np.quantile(scores[normal], 1 - target_far)), f"false-alarm rate {target_far:g} on validation"
+        alert = float(np.quantile(scores[normal], 1 - target_far))
+        method = f"false-alarm rate {target_far:g} on validation"
     else:
         precision, recall, cuts = skm.precision_recall_curve(positive, scores)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)

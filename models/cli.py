@@ -44,6 +44,7 @@ def synth(out: Annotated[Path, typer.Option("--out", help="output file, .parquet
 
     from models import synth as generator
 
+    generator.check_out(out)
     table = generator.generate(entities, steps, seed, anomaly_rate)
     generator.write(table, out)
     events = table.column("event").to_numpy(zero_copy_only=False)
@@ -61,7 +62,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet read
           unsupervised: Annotated[bool, typer.Option("--unsupervised", help="no labels: the forecast task")] = False,
           task: Annotated[Optional[str], typer.Option(help="classify | regress | forecast")] = None,
           features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns (default: "
-                                                                "every numeric column but entity/ts/label/event)")] = None,
+                                                                "every column but entity/ts/label/event)")] = None,
           epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per stage (early stopping)")] = None,
           quick: Annotated[bool, typer.Option("--quick", help="tiny ensemble, few epochs: CI and demos")] = False,
           size: Annotated[Optional[str], typer.Option(help="full | small | tiny")] = None,
@@ -84,7 +85,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet read
     if unsupervised and task not in (None, "forecast"):
         raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
     _log_to_stderr()
-    from models.train import TrainConfig, train as run
+    from models.train import TrainConfig
+    from models.train import train as run
 
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
@@ -142,7 +144,7 @@ def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")
     from models import ensemble
 
     counts = ensemble.parameter_counts(ensemble.build(window, features, task, size))
-    design = {name: module.DESIGN_PARAMS for name, module in ensemble.MEMBERS.items()} | {"total": ensemble.DESIGN_PARAMS}
+    design = ensemble.design_parameters()
     rows = {name: {"parameters": n, "design": design.get(name),
                    "deviation": (n - design[name]) / design[name] if size == "full" and name in design else None}
             for name, n in counts.items()}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from models.data import Task
 from models.tf import keras, tf
 
 Size = Literal["full", "small", "tiny"]
-Task = Literal["classify", "regress", "forecast"]
 SIZES: dict[str, float] = {"full": 1.0, "small": 0.25, "tiny": 0.125}
 serializable = keras.saving.register_keras_serializable(package="fabwatch")
 

@@ -6,16 +6,16 @@ is a :class:`UsageError` with a one-line reason (the CLI exits with code 2).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from export.errors import UsageError
-from export.registry import Scaler
+from export.registry import Scaler, sha256_file
 
 Task = Literal["classify", "regress", "forecast"]
 ENTITY_COL = "entity"
@@ -74,14 +74,16 @@ def _numeric(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
         return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    values = col.cast(pa.string()).to_pylist()
-    out = np.empty(len(values))
-    for row, v in enumerate(values):
-        try:
-            out[row] = np.nan if v is None or v == "" else float(v)
-        except ValueError:
-            raise UsageError(f"column {name!r} has a non-numeric value {v!r} at row {row + 1}") from None
-    return out
+    text = col.cast(pa.string())
+    try:
+        return pc.if_else(pc.equal(text, ""), None, text).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except pa.ArrowInvalid:  # find the first offender for the message
+        for row, value in enumerate(text.to_pylist()):
+            try:
+                float(value or "nan")
+            except ValueError:
+                raise UsageError(f"column {name!r} has a non-numeric value {value!r} at row {row + 1}") from None
+        raise
 
 
 def infer_features(table: pa.Table, label_col: str | None) -> list[str]:
@@ -166,15 +168,7 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
         raise UsageError(f"{path.name} has at most {counts.max(initial=0)} rows per entity, fewer than one window "
                          f"of {window}")
     return Table(feature_names=feature_names, x=x.astype(np.float32), y=y, entity=entity,
-                 entity_names=entity_names, fingerprint=fingerprint(path))
-
-
-def fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+                 entity_names=entity_names, fingerprint=sha256_file(path))
 
 
 def fit_scaler(x: np.ndarray) -> Scaler:
@@ -187,18 +181,20 @@ def apply_scaler(x: np.ndarray, scaler: Scaler) -> np.ndarray:
     return ((x - np.asarray(scaler.mean, np.float32)) / np.asarray(scaler.std, np.float32)).astype(np.float32)
 
 
-def windows(x: np.ndarray, y: np.ndarray | None, window: int, stride: int = 1, keep_events: bool = False) -> Windows:
+def windows(x: np.ndarray, y: np.ndarray | None, window: int, stride: int = 1,
+            event_stride: int | None = None) -> Windows:
     """Every ``stride``-th window of one contiguous segment (stride tricks, one copy), labelled by its last step.
 
-    ``keep_events``: also every window that ends on an event (y > 0), so a sparse stride still sees short events.
+    ``event_stride``: also every ``event_stride``-th window that ends on an event (y > 0), so a sparse stride
+    still sees short events.
     """
     if len(x) < window:
         return Windows(np.empty((0, window, x.shape[1]), np.float32), None if y is None else np.empty(0, np.float32))
     view = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)  # [n, F, window], no copy
     ends = np.arange(window - 1, len(x))
     keep = (ends - window + 1) % stride == 0
-    if keep_events and y is not None:
-        keep |= y[ends] > 0
+    if event_stride and y is not None:
+        keep |= (y[ends] > 0) & ((ends - window + 1) % event_stride == 0)
     return Windows(np.ascontiguousarray(view[keep].transpose(0, 2, 1)), None if y is None else y[ends[keep]])
 
 
@@ -208,11 +204,11 @@ def _concat(parts: list[Windows]) -> Windows:
 
 
 def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: int = 1,
-          val_stride: int | None = None, keep_events: bool = False) -> Split:
+          val_stride: int | None = None, event_stride: int | None = None) -> Split:
     """Per-entity time split: the first ``1 - val_fraction`` of each entity's rows train, the rest validate.
 
-    Windows never straddle the boundary (no leakage); the scaler sees training rows only. ``keep_events`` keeps
-    every event window in the training split whatever the stride (validation stays unbiased).
+    Windows never straddle the boundary (no leakage); the scaler sees training rows only. ``event_stride`` keeps
+    event windows in the training split more densely than ``stride`` (validation stays unbiased).
     """
     n = len(table.x)
     starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1]
@@ -222,10 +218,11 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
     scaler = fit_scaler(table.x[train_rows])
     xs = apply_scaler(table.x, scaler)
     y = table.y
-    train = [windows(xs[s:c], None if y is None else y[s:c], window, stride, keep_events) for s, c, _ in cuts]
+    train = [windows(xs[s:c], None if y is None else y[s:c], window, stride, event_stride) for s, c, _ in cuts]
     val = [windows(xs[c:e], None if y is None else y[c:e], window, val_stride or stride) for _, c, e in cuts]
     tr, va = _concat(train), _concat(val)
     if len(tr.x) == 0 or len(va.x) == 0:
-        raise UsageError(f"too few rows for a train/validation split with {window}-step windows "
-                         f"(val fraction {val_fraction}): need more than {int(window / min(val_fraction, 1 - val_fraction))} rows in an entity")
+        need = int(window / min(val_fraction, 1 - val_fraction))
+        raise UsageError(f"too few rows for a train/validation split with {window}-step windows and validation "
+                         f"fraction {val_fraction}: an entity needs more than {need} rows")
     return Split(train=tr, val=va, scaler=scaler, feature_names=table.feature_names)

@@ -10,6 +10,13 @@ each by its count would reproduce the plain cross-entropy over all windows at a 
 weight by ``count ** count_power`` (0.5 by default) instead, so that rare but normal contexts still
 rank their next keys within the top-g: on HDFS, count weighting left 1.4 % of distinct training
 windows with a next key outside the top-9 after 20 epochs and doubled the false positives.
+
+Backoff targets (``backoff``, 0.1 by default): each window's target is blended with the next-key
+distribution after its last key alone. With ~14 keys, g = 9-11 reaches deep into keys the model
+has never seen in a context, and without the blend their order there is arbitrary: two seeds gave
+recall 0.93 and 0.9996 at g = 9 on hdfs_test_abnormal. With it, keys seen after the same last key
+rank above keys never seen there, and seeds 0 and 1 agree (g = 10: recall 0.962 / 0.964, 3 false
+positives of 1,000 normal sessions each).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class DeepLogConfig:
     batch_size: int = 256
     learning_rate: float = 3e-3
     count_power: float = 0.5
+    backoff: float = 0.1
+    backoff_order: int = 1
     seed: int = 0
 
 
@@ -44,21 +53,36 @@ class TrainingSet:
     """Distinct windows, their next-key distributions and counts."""
 
     windows: np.ndarray  # [U, h] int32
-    targets: np.ndarray  # [U, V] float32, rows sum to 1
+    targets: np.ndarray  # [U, V] float32, rows sum to 1 (backoff blended in)
+    observed: np.ndarray  # [U, V] bool: next keys actually seen after the window
     counts: np.ndarray   # [U] float32
     total_windows: int
 
 
-def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int) -> TrainingSet:
+def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int, backoff: float = 0.0,
+                 backoff_order: int = 2) -> TrainingSet:
     w = build_windows([vocab.encode(s) for s in sessions], h)
     _, first, inverse = np.unique(window_codes(w.windows, len(vocab)), return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     targets = np.zeros((len(first), len(vocab)), dtype=np.float32)
     np.add.at(targets, (inverse, w.next_keys), 1.0)
     counts = targets.sum(axis=1)
+    observed = targets > 0
     targets /= counts[:, None]
     windows = np.ascontiguousarray(w.windows[first])
-    return TrainingSet(windows=windows, targets=targets, counts=counts, total_windows=len(w.windows))
+    if backoff > 0:
+        # blend in the next-key distribution after the last 1..backoff_order keys (see the module doc)
+        blend = np.zeros_like(targets)
+        for k in range(1, backoff_order + 1):
+            _, short_inv = np.unique(window_codes(w.windows[:, -k:], len(vocab)), return_inverse=True)
+            short_inv = short_inv.reshape(-1)
+            table = np.zeros((short_inv.max() + 1, len(vocab)), dtype=np.float32)
+            np.add.at(table, (short_inv, w.next_keys), 1.0)
+            table /= table.sum(axis=1, keepdims=True)
+            blend += table[short_inv[first]]
+        targets = (1 - backoff) * targets + backoff * blend / backoff_order
+    return TrainingSet(windows=windows, targets=targets, observed=observed, counts=counts,
+                       total_windows=len(w.windows))
 
 
 def build_model(vocab_size: int, config: DeepLogConfig):
@@ -82,7 +106,7 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     vocab = Vocabulary.from_sessions(sessions)
-    data = training_set(sessions, vocab, config.h)
+    data = training_set(sessions, vocab, config.h, config.backoff, config.backoff_order)
     model = build_model(len(vocab), config)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="categorical_crossentropy")
     weights = data.counts ** config.count_power
@@ -94,7 +118,7 @@ def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int
     probs = model.predict(data.windows, batch_size=4096, verbose=0)
     # share of distinct training windows whose every next key ranks within the top-g (fit on normal data)
     ranks = np.argsort(np.argsort(-probs[:, len(SPECIALS):], axis=1), axis=1)
-    worst = np.where(data.targets[:, len(SPECIALS):] > 0, ranks, -1).max(axis=1)
+    worst = np.where(data.observed[:, len(SPECIALS):], ranks, -1).max(axis=1)
     figures = {"sessions": len(sessions), "windows": data.total_windows, "distinct_windows": len(data.windows),
                "vocabulary": len(vocab.keys), "epochs": config.epochs, "train_seconds": seconds,
                "final_loss": float(history.history["loss"][-1]),
@@ -109,7 +133,9 @@ def choose_top_g(sessions: Sequence[Sequence[str]], config: DeepLogConfig, holdo
 
     g = 9 is the paper's choice for 29 keys; with HDFS's ~14 keys in training the same g leaves far
     fewer impossible keys, so it is chosen from data here rather than assumed. Only normal data is
-    used: the abnormal sets stay untouched for the benchmark.
+    used: the abnormal sets stay untouched for the benchmark. With ~1,000 held-out sessions a
+    0.15 % bound rests on one or two sessions, so the choice moves between seeds (7 and 12 on HDFS
+    with seeds 1 and 0, where the evaluation sweep peaks at 10 for both): report the sweep with it.
     """
     order = np.random.default_rng(config.seed).permutation(len(sessions))
     cut = int(len(sessions) * (1 - holdout))

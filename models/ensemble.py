@@ -10,8 +10,18 @@ from __future__ import annotations
 from types import ModuleType
 
 from models import cnn_lstm, residual_gru, rules, spike, stacked_lstm
-from models.common import (DropLastStep, ForecastCombine, LastStep, MeanOverFeatures, Size, Task, WeightedSum,
-                           WindowStats, task_head, units)
+from models.common import (
+    DropLastStep,
+    ForecastCombine,
+    LastStep,
+    MeanOverFeatures,
+    Size,
+    Task,
+    WeightedSum,
+    WindowStats,
+    task_head,
+    units,
+)
 from models.tf import keras, tf
 
 MEMBERS: dict[str, ModuleType] = {m.NAME: m for m in (stacked_lstm, residual_gru, cnn_lstm, spike, rules)}
@@ -95,6 +105,11 @@ def parameter_counts(model: keras.Model) -> dict[str, int]:
     counts = {name: model.get_layer(name).count_params() for name in (*MEMBERS, "gate")}
     counts["total"] = model.count_params()
     return counts
+
+
+def design_parameters() -> dict[str, int]:
+    """The design documents' parameter figures (100 x 12 window): per member and in total."""
+    return {name: module.DESIGN_PARAMS for name, module in MEMBERS.items()} | {"total": DESIGN_PARAMS}
 
 
 def members_of(model: keras.Model) -> tuple[list[keras.Model], keras.Model]:

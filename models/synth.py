@@ -92,8 +92,8 @@ def _drift(x: np.ndarray, rng: np.random.Generator, start: int) -> int:
 
 _INJECTORS: dict[str, Callable[[np.ndarray, np.random.Generator, int], int]] = {
     "spike": _spike, "level_shift": _level_shift, "drift": _drift, "stuck": _stuck, "delay": _delay}
-# drawn in this proportion; spikes are short, so more of them
-_EVENT_P = np.array([0.35, 0.15, 0.15, 0.15, 0.2])
+# events are dealt from a shuffled deck, so every entity gets every kind (spikes are short: two of them)
+_DECK = ("spike", "spike", "level_shift", "drift", "stuck", "delay")
 DRIFT_UNLABELLED = 0.4  # first share of a drift left unlabelled
 _TAIL = 700  # rows generated past the end so an event near the end is cut off, not left out
 _MEAN_LEN = {"spike": 2, "level_shift": 130, "drift": 350 + 60, "stuck": 130, "delay": 95}
@@ -105,11 +105,13 @@ def _inject(x: np.ndarray, rng: np.random.Generator, anomaly_rate: float) -> tup
     steps = len(x) - _TAIL
     event = np.full(len(x), "", dtype=object)
     label = np.zeros(len(x), np.int8)
-    mean_len = float(_EVENT_P @ np.array([_MEAN_LEN[e] for e in EVENTS]))
+    mean_len = float(np.mean([_MEAN_LEN[e] for e in _DECK]))
     mean_gap = mean_len * (1 - anomaly_rate) / anomaly_rate
     start = int(rng.integers(50, 50 + mean_gap))
+    deck: list[str] = []
     while start < steps:
-        kind = str(rng.choice(EVENTS, p=_EVENT_P))
+        deck = deck or list(rng.permutation(_DECK))
+        kind = str(deck.pop())
         end = start + _INJECTORS[kind](x, rng, start)
         event[start:end] = kind
         # a drift's early ramp is below the noise floor: labelled from where it reaches about 2 noise std
@@ -147,17 +149,20 @@ def generate(entities: int = 8, steps: int = 10_080, seed: int = 0, anomaly_rate
     return pa.table({k: np.concatenate(v) for k, v in columns.items()})
 
 
+def check_out(out: Path) -> None:
+    if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        raise UsageError(f"--out must end in .parquet or .csv, got {out.name}")
+
+
 def write(table: pa.Table, out: Path) -> None:
     """Parquet for ``.parquet``/``.pq``, CSV for ``.csv``."""
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = out.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, out)
-    elif suffix == ".csv":
+    if out.suffix.lower() == ".csv":
         import pyarrow.csv as pacsv
 
         pacsv.write_csv(table, out)
     else:
-        raise UsageError(f"--out must end in .parquet or .csv, got {out.name}")
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out)

@@ -15,8 +15,9 @@ import logging
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -59,7 +60,7 @@ class TrainConfig(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, description="end every stage after the epoch that passes it")
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "TrainConfig":
+    def quick(cls, **overrides: Any) -> TrainConfig:
         """The tiny ensemble, a few epochs on every 8th window: CI and demos, a minute or two on 2 cores."""
         return cls(**({"size": "tiny", "epochs": 3, "batch_size": 64, "stride": 8, "patience": 2,
                        "learning_rate": 5e-3} | overrides))
@@ -195,9 +196,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Load, split, fit, export, calibrate on the exported graph, commit (and promote)."""
     started = time.perf_counter()
     table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window)
-    # supervised: every event window trains whatever the stride (short events are rare at a sparse stride)
+    # supervised: event windows train at a quarter of the stride (short events are rare at a sparse stride)
     split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1,
-                       keep_events=cfg.task != "forecast")
+                       event_stride=None if cfg.task == "forecast" else max(1, cfg.stride // 4))
     if cfg.task == "classify" and not split.train.y.any():
         raise UsageError(f"label column {cfg.label_col!r} has no positive windows in the training split")
     log.info("%d training / %d validation windows of %d x %d (%s)", len(split.train.x), len(split.val.x),
@@ -213,12 +214,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                "target": {"mean": target[0], "std": target[1]}})
     registry = Registry(cfg.registry)
     version, promoted = write_version(model, manifest, registry, fp16=cfg.fp16, promote=cfg.promote,
-                                      validation=(split.val, cfg))
+                                      calibrate_with=partial(calibrate_on, val=split.val, cfg=cfg))
     return TrainResult(version=version, promoted=promoted, manifest=registry.manifest(version),
                        seconds=time.perf_counter() - started)
 
 
-def calibrate_on(onnx_path: Path, manifest: Manifest, val: data.Windows, cfg: TrainConfig) -> None:
+def calibrate_on(onnx_path: Path, manifest: Manifest, *, val: data.Windows, cfg: TrainConfig) -> None:
     """Thresholds, calibration and validation metrics from the exported graph's own scores."""
     session = create_session(onnx_path, ["CPUExecutionProvider"])
     outs = [session.run(["score", "member_scores"], {"window": val.x[i:i + 1024]}) for i in range(0, len(val.x), 1024)]
@@ -249,10 +250,10 @@ def load_keras(version_dir: Path) -> keras.Model:
     return keras.models.load_model(version_dir / KERAS_FILE, compile=False)
 
 
-def write_version(model: keras.Model, manifest: Manifest, registry: Registry, fp16: bool = False,
-                  promote: bool = True, validation: tuple[data.Windows, TrainConfig] | None = None) -> tuple[str, bool]:
-    """Export ``model`` to ONNX (+ fp16) beside its Keras file, calibrate on ``validation`` when given,
-    commit a registry version and promote it. A failure anywhere leaves the registry as it was."""
+def write_version(model: keras.Model, manifest: Manifest, registry: Registry, fp16: bool = False, promote: bool = True,
+                  calibrate_with: Callable[[Path, Manifest], None] | None = None) -> tuple[str, bool]:
+    """Export ``model`` to ONNX (+ fp16) beside its Keras file, let ``calibrate_with`` fill thresholds and metrics
+    from the exported graph, commit a registry version and promote it. A failure leaves the registry as it was."""
     staging = registry.stage()
     try:
         report = keras_to_onnx(model, staging / "model.onnx", output_names=list(ensemble.output_names(manifest.task)))
@@ -262,8 +263,8 @@ def write_version(model: keras.Model, manifest: Manifest, registry: Registry, fp
         manifest.inputs = {"window": [None, manifest.window, len(manifest.feature_names)]}
         manifest.outputs = report.outputs
         manifest.extra["onnx_ops"] = report.op_histogram
-        if validation is not None:
-            calibrate_on(staging / "model.onnx", manifest, *validation)
+        if calibrate_with is not None:
+            calibrate_with(staging / "model.onnx", manifest)
         (staging / KERAS_FILE).parent.mkdir()
         model.save(staging / KERAS_FILE, save_format="keras")
         version = registry.commit(staging, manifest)

@@ -109,13 +109,17 @@ def schemas(out: Annotated[Path, typer.Option("--out", help="directory for the J
 
 @app.command("replay")
 def replay_cmd(
-    file: Annotated[Path, typer.Argument(help="CSV, Parquet or JSONL file of readings")],
-    topic: Annotated[Optional[str], typer.Option(help="target topic (default: the sensors topic)")] = None,
+    file: Annotated[Path, typer.Argument(help="CSV, Parquet or JSONL file of readings, or a raw HDFS log")],
+    topic: Annotated[Optional[str], typer.Option(help="target topic (default: the sensors topic; "
+                                                 "the logkeys topic for --format hdfs-log)")] = None,
     speed: Annotated[Optional[float], typer.Option(help="X times the recorded pace, by timestamps")] = None,
     max_speed: Annotated[bool, typer.Option("--max-speed", help="as fast as the broker takes (default)")] = False,
     limit: Annotated[Optional[int], typer.Option(help="stop after N messages")] = None,
     loop: Annotated[bool, typer.Option("--loop", help="repeat the file, timestamps shifted past its end")] = False,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | jsonl (default: by extension)")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | jsonl (default: by extension) | "
+                                               "hdfs-log (raw HDFS lines -> one log key per line and block)")] = None,
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="hdfs-log: EventId,EventTemplate CSV "
+                                                      "(loghub HDFS_templates.csv format); Drain when absent")] = None,
     entity_col: Annotated[Optional[str], typer.Option("--entity-col", help="entity column (inferred)")] = None,
     ts_col: Annotated[Optional[str], typer.Option("--ts-col", help="timestamp column (inferred)")] = None,
     features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns (inferred: numeric)")] = None,
@@ -124,22 +128,30 @@ def replay_cmd(
     bootstrap: BootstrapOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Replay a historical file into Kafka, keyed by entity."""
-    from stream.replay import load_records, replay
-    from stream.topics import ensure_topics
+    """Replay a historical file into Kafka: readings keyed by entity, or log keys keyed by session."""
+    from stream.replay import load_records, log_messages, reading_messages, replay
 
     if speed is not None and max_speed:
         raise UsageError("--speed and --max-speed exclude each other")
     settings = settings_for(bootstrap)
-    topic = topic or settings.topics.sensors
-    records = load_records(file, fmt, entity_col, ts_col, features.split(",") if features else None, label_col, strict)
-    for row, reason, detail in records.rejected[:10]:
-        typer.echo(f"skipping row {row + 1}: {reason}: {detail}", err=True)
-    if len(records.rejected) > 10:
-        typer.echo(f"... and {len(records.rejected) - 10} more bad rows", err=True)
-    ensure_topics(settings, [topic])
-    summary = replay(records, settings, topic, speed=speed, limit=limit, loop=loop, progress=not as_json,
-                     rows_in_file=len(records.ts) + len(records.rejected))
+    if fmt == "hdfs-log":
+        if entity_col or ts_col or features or label_col or strict:
+            raise UsageError("--entity-col, --ts-col, --features, --label-col and --strict are for tables, "
+                             "not --format hdfs-log")
+        topic = topic or settings.topics.logkeys
+        messages = log_messages(file, templates)
+    else:
+        if templates is not None:
+            raise UsageError("--templates is for --format hdfs-log")
+        topic = topic or settings.topics.sensors
+        records = load_records(file, fmt, entity_col, ts_col, features.split(",") if features else None, label_col,
+                               strict)
+        for row, reason, detail in records.rejected[:10]:
+            typer.echo(f"skipping row {row + 1}: {reason}: {detail}", err=True)
+        if len(records.rejected) > 10:
+            typer.echo(f"... and {len(records.rejected) - 10} more bad rows", err=True)
+        messages = reading_messages(records, len(records.ts) + len(records.rejected))
+    summary = replay(messages, settings, topic, speed=speed, limit=limit, loop=loop, progress=not as_json)
     data = summary.as_dict()
     emit(data, as_json, f"sent {data['sent']} of {data['rows_in_file']} rows to {topic} in {data['seconds']} s "
                         f"({data['msgs_per_s']} msgs/s); rejected {data['rejected'] or 'none'}")

@@ -1,7 +1,7 @@
 """Batch decoding of raw reading bytes into columns, with a fast path behind the ``Reading`` schema.
 
 The fast path (orjson + a few type checks) accepts only messages that ``Reading`` would certainly
-accept in the common ``{"entity", "ts" (number), "values"}`` shape; anything else goes through
+accept in the common ``{"entity", "ts" (epoch ms), "values"}`` shape; anything else goes through
 ``ReadingDecoder`` (pydantic), which decides and names the reason. Both paths give the same result.
 """
 
@@ -17,7 +17,7 @@ import orjson
 from stream.schemas import ReadingDecoder, Rejected, RejectReason
 
 _NUMBER = {int, float}
-_FAST_KEYS = {"entity", "ts", "values", "label"}
+_FAST_KEYS = {"entity", "ts", "values"}
 MAX_TS_MS = 1 << 45  # the window store's limit (year 3084)
 
 
@@ -39,69 +39,65 @@ class BatchDecoder:
         self.width = len(self.slow.feature_names)
         self.max_bytes = max_bytes
 
-    def _fast(self, raw: bytes) -> tuple[str, int, list, int] | None:
-        """(entity, ts, values, label) when the message has the common shape, else None. The element
-        types of ``values`` are checked for the whole batch at once in ``decode``."""
-        try:
-            d = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
-        if type(d) is not dict or not d.keys() <= _FAST_KEYS:
-            return None
-        entity, ts, values, label = d.get("entity"), d.get("ts"), d.get("values"), d.get("label", -1)
-        if type(entity) is not str or not 0 < len(entity) <= 256:
-            return None
-        if type(ts) is int:
-            if ts < 0:
-                return None
-        elif type(ts) is float and 0 <= ts < float("inf"):
-            ts = int(ts)
-        else:
-            return None
-        if type(values) is not list or len(values) != self.width:
-            return None
-        if label is None:
-            label = -1
-        elif label not in (-1, 0, 1) or type(label) is not int:
-            return None
-        return entity, ts, values, label
-
     def _slow(self, raw: bytes | None) -> tuple[str, int, list, int]:
         reading, vector = self.slow.decode(raw)
         return reading.entity, reading.ts, vector.tolist(), -1 if reading.label is None else reading.label
 
     def decode(self, raws: Sequence[bytes | None]) -> DecodedColumns:
+        """Columns of the good messages and the reason for each bad one, in input order.
+
+        Fast path, inlined because it runs once per message: ``{"entity": str, "ts": int >= 0,
+        "values": [F items]}`` and nothing else. The element types of ``values`` are checked for the
+        whole batch at once below. Every other shape (ISO or float timestamps, labels, features by
+        name, anything odd) takes the schema path.
+        """
+        loads, width, max_bytes, fast_keys = orjson.loads, self.width, self.max_bytes, _FAST_KEYS
         index: list[int] = []
         keys: list[str] = []
         ts: list[int] = []
         rows: list[list] = []
-        labels: list[int] = []
+        labels: dict[int, int] = {}  # position -> label, only for readings that carry one
         rejected: list[tuple[int, Rejected]] = []
         for i, raw in enumerate(raws):
-            fast = self._fast(raw) if raw is not None and len(raw) <= self.max_bytes else None
-            if fast is None:
-                try:
-                    fast = self._slow(raw)
-                except Rejected as exc:
-                    rejected.append((i, exc))
-                    continue
+            try:
+                if raw is not None and len(raw) <= max_bytes:
+                    d = loads(raw)
+                    if (d.keys() <= fast_keys and type(e := d["entity"]) is str
+                            and 0 < len(e) <= 256 and type(t := d["ts"]) is int and t >= 0
+                            and type(v := d["values"]) is list and len(v) == width):
+                        index.append(i)
+                        keys.append(e)
+                        ts.append(t)
+                        rows.append(v)
+                        continue
+            except (orjson.JSONDecodeError, AttributeError, KeyError):  # not a dict, a key missing
+                pass
+            try:
+                entity, t_ms, row, label = self._slow(raw)
+            except Rejected as exc:
+                rejected.append((i, exc))
+                continue
+            if label >= 0:
+                labels[len(index)] = label
             index.append(i)
-            keys.append(fast[0])
-            ts.append(fast[1])
-            rows.append(fast[2])
-            labels.append(fast[3])
+            keys.append(entity)
+            ts.append(t_ms)
+            rows.append(row)
         dropped: set[int] = set()
         if not set(map(type, chain.from_iterable(rows))) <= _NUMBER:  # rare: let the schema judge those rows
             for j, row in enumerate(rows):
                 if not set(map(type, row)) <= _NUMBER:
                     try:
-                        keys[j], ts[j], rows[j], labels[j] = self._slow(raws[index[j]])
+                        keys[j], ts[j], rows[j], label = self._slow(raws[index[j]])
                     except Rejected as exc:
                         rejected.append((index[j], exc))
-                        rows[j] = [0.0] * self.width
+                        rows[j] = [0.0] * width
                         dropped.add(j)
         with np.errstate(over="ignore"):  # overflow to inf is caught just below
-            values = np.array(rows, dtype=np.float32).reshape(len(rows), self.width)
+            values = np.array(rows, dtype=np.float32).reshape(len(rows), width)
+        label_arr = np.full(len(rows), -1, dtype=np.int8)
+        if labels:
+            label_arr[list(labels)] = list(labels.values())
         ts_arr = np.asarray(ts, dtype=np.int64) if ts and max(ts) < MAX_TS_MS else np.asarray(
             [t if t < MAX_TS_MS else -1 for t in ts], dtype=np.int64)
         finite = np.isfinite(values).all(axis=1)
@@ -114,8 +110,7 @@ class BatchDecoder:
                 rejected.append((index[j], Rejected(RejectReason.non_finite, "a value overflows float32")
                                  if not finite[j] else Rejected(RejectReason.bad_timestamp, "timestamp out of range")))
             keep = np.flatnonzero(good)
-            index, keys, labels = [index[j] for j in keep], [keys[j] for j in keep], [labels[j] for j in keep]
-            ts_arr, values = ts_arr[keep], values[keep]
+            index, keys = [index[j] for j in keep], [keys[j] for j in keep]
+            ts_arr, values, label_arr = ts_arr[keep], values[keep], label_arr[keep]
             rejected.sort(key=lambda r: r[0])
-        return DecodedColumns(np.asarray(index, dtype=np.int64), keys, ts_arr, values,
-                              np.asarray(labels, dtype=np.int8), rejected)
+        return DecodedColumns(np.asarray(index, dtype=np.int64), keys, ts_arr, values, label_arr, rejected)

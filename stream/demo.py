@@ -51,6 +51,21 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _split_by_time(recording: Path, history: Path, live_day: Path, replay_steps: int) -> None:
+    """The last ``replay_steps`` readings of every entity become the day to replay; the rest is history."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from models.synth import STEP_MS
+
+    table = pq.read_table(recording)
+    ts = table.column("ts")
+    cut = pc.subtract(pc.max(ts), pa.scalar(replay_steps * STEP_MS, pa.int64()))
+    pq.write_table(table.filter(pc.less_equal(ts, cut)), history)
+    pq.write_table(table.filter(pc.greater(ts, cut)), live_day)
+
+
 def _alert_table(alerts: list[Alert], total: int) -> Table:
     table = Table(title=f"fabwatch alerts (latest 15 of {total})", expand=True)
     for col in ("entity", "kind", "severity", "score", "top features", "window end (UTC)", "model"):
@@ -130,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         console.rule("[bold]2/6 synthetic fab data (OHT vehicles and stockers, injected events)")
-        steps = int(args.history_days * 1440)
-        _fabwatch(["synth", "--out", str(history), "--entities", str(args.entities), "--steps", str(steps),
-                   "--seed", "1"], env)
-        _fabwatch(["synth", "--out", str(live_day), "--entities", str(args.entities),
-                   "--steps", str(int(args.replay_days * 1440)), "--seed", "2", "--start-ms",
-                   str(1_767_225_600_000 + steps * 60_000)], env)
+        recording = workdir / "recording.parquet"
+        history_steps, replay_steps = int(args.history_days * 1440), int(args.replay_days * 1440)
+        _fabwatch(["synth", "--out", str(recording), "--entities", str(args.entities),
+                   "--steps", str(history_steps + replay_steps), "--seed", "1"], env)
+        _split_by_time(recording, history, live_day, replay_steps)
+        console.print(f"history to train on: {history.name}; the last {args.replay_days:g} day(s) to replay: "
+                      f"{live_day.name}")
 
         console.rule("[bold]3/6 train the quick ensemble (five members + gate), export ONNX, promote")
         _fabwatch(["train", "--data", str(history), "--registry", str(registry), "--quick"], env)

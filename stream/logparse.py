@@ -19,6 +19,8 @@ import csv
 import re
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
@@ -32,17 +34,19 @@ UNMATCHED = "unmatched"
 
 @dataclass(frozen=True)
 class LogRow:
-    """One event of one session: ``line_id`` counts raw lines from 1, like loghub's ``LineId``."""
+    """One event of one session: ``line_id`` counts raw lines from 1, like loghub's ``LineId``; ``ts`` is
+    the header's time in epoch ms (HDFS headers carry no zone: read as UTC)."""
 
     line_id: int
     block_id: str
     event_id: str
+    ts: int = 0
 
 
-def hdfs_content(line: str) -> str | None:
-    """The message part of an HDFS log line, or None when the header does not parse."""
-    match = HDFS_LINE.match(line.rstrip("\r\n"))
-    return match.group("content") if match else None
+@lru_cache(maxsize=4096)
+def hdfs_ts_ms(date: str, clock: str) -> int:
+    """``081109``, ``203615`` -> epoch ms (UTC); cached because consecutive lines share their second."""
+    return int(datetime.strptime(date + clock, "%y%m%d%H%M%S").replace(tzinfo=timezone.utc).timestamp() * 1000)
 
 
 class TemplateMatcher:
@@ -117,15 +121,20 @@ class DrainMatcher:
 def parse_lines(lines: Iterable[str], matcher: TemplateMatcher | DrainMatcher) -> Iterator[LogRow]:
     """Rows for every line that names a block; lines without a parsable header or a block are skipped."""
     for line_id, line in enumerate(lines, start=1):
-        content = hdfs_content(line)
-        if content is None:
+        match = HDFS_LINE.match(line.rstrip("\r\n"))
+        if match is None:
             continue
+        content = match.group("content")
         blocks = dict.fromkeys(BLOCK_ID.findall(content))
         if not blocks:
             continue
+        try:
+            ts = hdfs_ts_ms(match.group("date"), match.group("time"))
+        except ValueError:  # six digits that are no date: not an HDFS header after all
+            continue
         event_id = matcher.event_id(content)
         for block in blocks:
-            yield LogRow(line_id, block, event_id)
+            yield LogRow(line_id, block, event_id, ts)
 
 
 def parse_file(path: Path, templates: Path | None = None) -> tuple[list[LogRow], dict[str, str]]:

@@ -1,4 +1,4 @@
-"""``fabwatch logs parse|train|evaluate`` and ``fabwatch bench logs``: DeepLog on HDFS log keys.
+"""``fabwatch logs parse|train|evaluate|serve`` and ``fabwatch bench logs``: DeepLog on HDFS log keys.
 
 Imports stay inside the commands: parsing and scoring need no TensorFlow; only ``logs train`` and
 ``bench logs`` import ``models.deeplog`` (and so TF) when they run.
@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from export.errors import UsageError
+from stream.serve_cli import BootstrapOpt
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hdfs"
 
@@ -66,7 +67,7 @@ def _labelled(normal: Path | None, abnormal: Path | None, labeled: Path | None) 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add ``logs`` to ``app`` and ``logs`` to ``bench_app``."""
-    logs_app = typer.Typer(help="DeepLog on log-key streams: parse raw logs, train, evaluate.", no_args_is_help=True)
+    logs_app = typer.Typer(help="DeepLog on log-key streams: parse raw logs, train, evaluate, serve.", no_args_is_help=True)
     app.add_typer(logs_app, name="logs")
 
     @logs_app.command("parse")
@@ -109,15 +110,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               registry: RegistryOpt,
               h: Annotated[int, typer.Option("--h", help="window: keys of context")] = 10,
               top_g: Annotated[int, typer.Option("--top-g", help="next key must be among the g most likely")] = 9,
-              choose_g: Annotated[bool, typer.Option("--choose-g", help="pick g on 20 %% held-out normal sessions "
+              choose_g: Annotated[bool, typer.Option("--choose-g", help="pick g on 20 % held-out normal sessions "
                                                      "instead (trains twice)")] = False,
               epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
               seed: Annotated[int, typer.Option("--seed")] = 0,
+              backoff: Annotated[float, typer.Option("--backoff", help="weight of the last-key next-key "
+                                                     "distribution blended into the targets (0: none)")] = 0.1,
               no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
               as_json: JsonFlag = False) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), store in the registry."""
         result = _train(data, registry, h=h, top_g=top_g, choose_g=choose_g, epochs=epochs, seed=seed,
-                        promote=not no_promote)
+                        backoff=backoff, promote=not no_promote)
         _emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
               f"{result['training']['sessions']} sessions in "
               f"{result['training']['train_seconds']:.1f}s; ONNX parity {result['parity_max_abs']:.1e}; "
@@ -141,6 +144,35 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                      progress=True)
         _emit(result, as_json, _summary(result))
 
+    @logs_app.command("serve")
+    def serve(registry: RegistryOpt,
+              bootstrap: BootstrapOpt = None,
+              idle_timeout_s: Annotated[float, typer.Option("--idle-timeout-s", min=0.0, help="a session closes "
+                                                            "after this long without a key (the length rule "
+                                                            "applies then)")] = 300.0,
+              top_g: TopGOpt = None,
+              group: Annotated[str, typer.Option(help="consumer group")] = "fabwatch-logs",
+              max_batch: Annotated[int, typer.Option(min=1, help="log keys per poll, scored together")] = 2048,
+              max_wait_ms: Annotated[int, typer.Option(min=0, help="longest wait to fill a poll")] = 50,
+              max_sessions: Annotated[int, typer.Option(min=1, help="open sessions kept; beyond it the least "
+                                                        "recently active close early")] = 1_000_000,
+              log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
+        """Score the log-key stream with the registry's current logkeys model and produce `log` alerts."""
+        import logging
+
+        from stream.config import Settings
+        from stream.logserve import LogServeConfig, LogServer
+
+        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if not registry.is_dir():
+            raise UsageError(f"no model registry at {registry}")
+        config = LogServeConfig(registry=registry, group_id=group, idle_timeout_s=idle_timeout_s,
+                                max_batch=max_batch, max_wait_ms=max_wait_ms, max_sessions=max_sessions, top_g=top_g)
+        server = LogServer(Settings(**({"bootstrap": bootstrap} if bootstrap else {})), config)
+        server.install_signal_handlers()
+        server.run()
+
     @bench_app.command("logs")
     def bench_logs(data_dir: Annotated[Path, typer.Option("--data-dir", help="the HDFS data set")] = DATA_DIR,
                    registry: Annotated[Optional[Path], typer.Option("--registry", help="keep the model here "
@@ -150,16 +182,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                                 "normal training sessions)")] = None,
                    uncached_limit: Annotated[int, typer.Option("--uncached-limit", help="windows for the uncached "
                                                                 "rate (-1: all)")] = -1,
+                   seed: Annotated[int, typer.Option("--seed", help="training seed (results vary with it: "
+                                                     "see the top-g sweep)")] = 0,
+                   backoff: Annotated[float, typer.Option("--backoff", help="see `logs train --help`")] = 0.1,
                    as_json: JsonFlag = False) -> None:
         """Train on hdfs_train; evaluate on hdfs_test_abnormal + the normal sessions of the labelled CSV, and
         on the labelled CSV as a whole; compare with the paper and this issue's targets."""
-        result = _bench(data_dir, registry, epochs, top_g, None if uncached_limit < 0 else uncached_limit)
+        result = _bench(data_dir, registry, epochs, top_g, None if uncached_limit < 0 else uncached_limit, seed,
+                        backoff)
         human = "\n\n".join(f"[{name}]\n{_summary(r)}" for name, r in result["evaluations"].items())
         _emit(result, as_json, f"{human}\n\ntargets: {json.dumps(result['targets'])}")
 
 
 def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bool = False, epochs: int | None = None,
-           seed: int = 0, promote: bool = True) -> dict[str, Any]:
+           seed: int = 0, backoff: float = 0.1, promote: bool = True) -> dict[str, Any]:
     """Read normal sessions, train, export and commit; the figures for the CLI and the benchmark."""
     from dataclasses import asdict
 
@@ -172,7 +208,9 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
         sessions = [s for s, label in zip(sessions, labels) if label == 0]
     if not sessions:
         raise UsageError(f"{data}: no normal sessions to train on")
-    config = DeepLogConfig(h=h, top_g=top_g, seed=seed)
+    if not 0.0 <= backoff < 1.0:
+        raise UsageError(f"--backoff must be in [0, 1), got {backoff}")
+    config = DeepLogConfig(h=h, top_g=top_g, seed=seed, backoff=backoff)
     if epochs is not None:
         config.epochs = epochs
     choice = None
@@ -190,7 +228,7 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
 
 
 def _bench(data_dir: Path, registry: Path | None, epochs: int | None, top_g: int | None,
-           uncached_limit: int | None) -> dict[str, Any]:
+           uncached_limit: int | None, seed: int, backoff: float) -> dict[str, Any]:
     import tempfile
 
     from stream.logscore import LogKeyScorer, evaluate as run, read_sessions
@@ -201,7 +239,8 @@ def _bench(data_dir: Path, registry: Path | None, epochs: int | None, top_g: int
             raise UsageError(f"{path} not found: point --data-dir at the HDFS data set")
     with tempfile.TemporaryDirectory(prefix="fabwatch-bench-logs-") as tmp:
         root = registry or Path(tmp) / "registry"
-        trained = _train(files["hdfs_train"], root, top_g=top_g or 9, choose_g=top_g is None, epochs=epochs)
+        trained = _train(files["hdfs_train"], root, top_g=top_g or 9, choose_g=top_g is None, epochs=epochs,
+                         seed=seed, backoff=backoff)
         scorer = LogKeyScorer.from_registry(root, trained["version"])
         abnormal, _ = read_sessions(files["hdfs_test_abnormal"])
         labelled, labels = read_sessions(files["labeled_sessions_dev.csv"])

@@ -388,7 +388,8 @@ class Processor:
         out: list[Message] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            batch = self.rebuilder.consume(10_000, 1.0)
+            # asking for exactly what is left returns as soon as it is there (offset gaps: the timeout)
+            batch = self.rebuilder.consume(max(1, min(10_000, hi - lo - len(out))), 0.5)
             for m in batch:
                 if m.error() is None and m.offset() < hi:
                     out.append(m)

@@ -1,13 +1,16 @@
-"""Replay a historical file into Kafka as readings, as fast as possible or at a multiple of the
-recorded pace. Keyed by entity, idempotent producer, flushed before returning."""
+"""Replay a historical file into Kafka, as fast as possible or at a multiple of the recorded pace:
+readings from CSV / Parquet / JSONL (keyed by entity) or log keys parsed from a raw HDFS log (keyed by
+session). Both become ``Messages`` and go through the one producer loop: idempotent, flushed before
+returning."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import orjson
@@ -17,6 +20,21 @@ from tqdm import tqdm
 from export.errors import UsageError
 from stream.config import Settings
 from stream.files import ColumnMap, Records, read_table, to_records
+from stream.topics import ensure_topics
+
+
+@dataclass
+class Messages:
+    """What ``replay`` sends, in order: Kafka keys, values and event times (epoch ms, what ``--speed``
+    paces by). ``shifted(offset_ms)`` re-encodes the values with their timestamps moved forward for
+    each ``--loop`` lap; None where a repeat would not be new data."""
+
+    keys: list[bytes]
+    values: list[bytes]
+    ts: np.ndarray
+    rows_in_file: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    shifted: Callable[[int], list[bytes]] | None = None
 
 
 @dataclass
@@ -62,18 +80,44 @@ def encode_readings(records: Records, ts_offset_ms: int = 0) -> list[bytes]:
     return out
 
 
-def replay(records: Records, settings: Settings, topic: str, speed: float | None = None, limit: int | None = None,
-           loop: bool = False, progress: bool = True, rows_in_file: int | None = None) -> ReplaySummary:
-    """Send ``records`` to ``topic``. ``speed=None`` is as fast as the broker takes; ``speed=X`` keeps
-    X times the pace of the recorded timestamps. ``loop`` repeats the file with timestamps shifted
-    past its end, so keys keep moving forward in time (the processor would drop repeats as duplicates)."""
+def reading_messages(records: Records, rows_in_file: int | None = None) -> Messages:
+    """Readings keyed by entity; ``--loop`` laps shift their timestamps."""
+    return Messages(keys=[e.encode() for e in records.entity], values=encode_readings(records), ts=records.ts,
+                    rows_in_file=rows_in_file or len(records.ts),
+                    rejected=dict(Counter(str(r) for _, r, _ in records.rejected)),
+                    shifted=partial(encode_readings, records))
+
+
+def log_messages(path: Path, templates: Path | None = None) -> Messages:
+    """Raw HDFS log -> one ``LogKey`` per (line, block), keyed by session, in line order.
+
+    No ``--loop``: the serving side orders a session's keys by line number, so a repeat would be
+    dropped as duplicates (readings repeat with shifted timestamps instead).
+    """
+    from stream.logparse import parse_file
+
+    rows, _ = parse_file(path, templates)
+    if not rows:
+        raise UsageError(f"{Path(path).name}: no HDFS log line names a block")
+    values = [orjson.dumps({"session": r.block_id, "ts": r.ts, "key": r.event_id, "line": r.line_id}) for r in rows]
+    return Messages(keys=[r.block_id.encode() for r in rows], values=values,
+                    ts=np.fromiter((r.ts for r in rows), dtype=np.int64, count=len(rows)), rows_in_file=len(rows))
+
+
+def replay(messages: Messages, settings: Settings, topic: str, speed: float | None = None, limit: int | None = None,
+           loop: bool = False, progress: bool = True) -> ReplaySummary:
+    """Send ``messages`` to ``topic`` (created when missing). ``speed=None`` is as fast as the broker takes; ``speed=X`` keeps
+    X times the pace of the recorded timestamps. ``loop`` repeats them with timestamps shifted past
+    their end, so keys keep moving forward in time (the processor would drop repeats as duplicates)."""
     if speed is not None and speed <= 0:
         raise UsageError("--speed must be positive")
-    n = len(records.ts)
+    if loop and messages.shifted is None:
+        raise UsageError("--loop: these messages cannot be repeated (log keys are ordered by line number)")
+    n = len(messages.ts)
     if n == 0:
         raise UsageError("no valid rows to replay")
-    summary = ReplaySummary(topic=topic, rows_in_file=rows_in_file or n,
-                            rejected=dict(Counter(str(r) for _, r, _ in records.rejected)))
+    ensure_topics(settings, [topic])
+    summary = ReplaySummary(topic=topic, rows_in_file=messages.rows_in_file, rejected=messages.rejected)
     errors = 0
 
     def on_delivery(err: KafkaError | None, _msg) -> None:
@@ -83,8 +127,10 @@ def replay(records: Records, settings: Settings, topic: str, speed: float | None
 
     producer = Producer(settings.client_config(**{"enable.idempotence": True, "linger.ms": 5,
                                                   "compression.type": "lz4", "batch.num.messages": 10000}))
-    span = int(records.ts[-1] - records.ts[0])
-    step = int(np.median(np.diff(records.ts))) if n > 1 else 1000
+    ts, keys = messages.ts, messages.keys
+    span = int(ts[-1] - ts[0])
+    step = int(np.median(np.diff(ts))) if n > 1 else 1000
+    rel_s = (ts - ts[0]).astype(np.float64) / 1000.0
     total = limit if limit is not None else (None if loop else n)
     bar = tqdm(total=total, unit="msg", desc=f"replay -> {topic}", disable=not progress, smoothing=0.1)
     start = time.perf_counter()
@@ -92,10 +138,7 @@ def replay(records: Records, settings: Settings, topic: str, speed: float | None
     chunk = 1 if speed is not None else 1000  # progress-bar granularity
     try:
         while True:
-            offset = lap * (span + max(step, 1))
-            values = encode_readings(records, offset)
-            keys = [e.encode() for e in records.entity]
-            rel_s = (records.ts - records.ts[0]).astype(np.float64) / 1000.0
+            values = messages.values if lap == 0 else messages.shifted(lap * (span + max(step, 1)))
             lap_start = time.perf_counter()
             for i in range(n):
                 if limit is not None and sent >= limit:

@@ -132,6 +132,35 @@ class ReadingDecoder:
         return np.asarray([reading.features[k] for k in self.feature_names], dtype=np.float32)
 
 
+class LogKey(BaseModel):
+    """One log line's event for one session on ``fabwatch.logkeys`` (key = session). ``line`` is the
+    line's position in its source log: it orders a session's keys (lines of one second share ``ts``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session: Annotated[str, Field(min_length=1, max_length=256, description="session id (HDFS: the block id)")]
+    ts: int = Field(description="epoch milliseconds of the line (ISO-8601 accepted on input)")
+    key: Annotated[str, Field(min_length=1, max_length=256, description="log key (event id of the line's template)")]
+    line: int = Field(ge=1, lt=1 << 44, description="line number in the source log, from 1")
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> int:
+        return parse_timestamp_ms(v)
+
+
+def decode_logkey(raw: bytes | None, max_bytes: int = 1_000_000) -> LogKey:
+    """Raw Kafka value -> ``LogKey``, or ``Rejected`` with the same reason codes as readings."""
+    if raw is None:
+        raise Rejected(RejectReason.bad_json, "empty message (null value)")
+    if len(raw) > max_bytes:
+        raise Rejected(RejectReason.too_large, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return LogKey.model_validate_json(raw)
+    except ValidationError as err:
+        raise Rejected(*_reason_of(err)) from None
+
+
 # ---- outgoing messages --------------------------------------------------------------------------
 
 class SourceOffset(BaseModel):
@@ -193,5 +222,5 @@ class ModelEvent(BaseModel):
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
-    "reading": Reading, "alert": Alert, "dead_letter": DeadLetter, "model_event": ModelEvent,
+    "reading": Reading, "log_key": LogKey, "alert": Alert, "dead_letter": DeadLetter, "model_event": ModelEvent,
 }

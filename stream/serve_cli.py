@@ -119,13 +119,14 @@ def bench_stream(
     messages: Annotated[int, typer.Option(help="readings for the throughput runs")] = 200_000,
     entities: Annotated[int, typer.Option(help="distinct keys")] = 200,
     latency_seconds: Annotated[float, typer.Option(help="duration of the 1,000 readings/s latency run")] = 15.0,
+    rounds: Annotated[int, typer.Option(min=1, help="alternated (a)/(b) rounds; the best of each is compared")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Processor throughput vs raw consume, full-size ensemble at stride 1/10, ingest-to-alert latency."""
     from stream.bench_stream import run_bench
 
     result = run_bench(_settings(bootstrap), messages=messages, entities=entities, latency_seconds=latency_seconds,
-                       log=lambda s: typer.echo(s, err=True))
+                       rounds=rounds, log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 

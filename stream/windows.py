@@ -6,7 +6,9 @@ stride choice and the gathering of ready windows are all array operations.
 
 The ring holds ``2 * window`` steps so that a key may receive up to ``window`` more readings in the
 same batch after one of its windows became ready, and that window is still intact when it is
-gathered at the end of the batch (bigger per-key bursts are split automatically).
+gathered at the end of the batch (bigger per-key bursts are split automatically). The first
+``window - 1`` ring positions are mirrored past its end, so every window is one contiguous slice of
+a key's buffer and gathering a batch of windows is a block copy per window.
 
 Which readings are scored at stride K is a pure function of the data (a hash of the entity and the
 reading's timestamp selects on average one reading in K), not of a counter: a restart, a rebalance,
@@ -88,8 +90,9 @@ class WindowStore:
     def _alloc(self, capacity: int) -> None:
         """Grow the preallocated arrays to ``capacity`` slots (amortised doubling, bounded by max_keys)."""
         old = len(self._keys)
-        values = np.zeros((capacity, self.ring, self.n_features), dtype=np.float32)
-        ts = np.zeros((capacity, self.ring), dtype=np.int64)
+        length = self.ring + self.window - 1  # the mirror of positions [0, window - 1)
+        values = np.zeros((capacity, length, self.n_features), dtype=np.float32)
+        ts = np.zeros((capacity, length), dtype=np.int64)
         count = np.zeros(capacity, dtype=np.int64)
         last_ts = np.full(capacity, -1, dtype=np.int64)
         seen = np.zeros(capacity, dtype=np.float64)
@@ -224,8 +227,11 @@ class WindowStore:
 
         acc_idx = np.flatnonzero(accepted)
         a_slot, a_pos = s_sorted[acc_idx], (count_after[acc_idx] - 1) % self.ring
-        self._values[a_slot, a_pos] = np.asarray(values, dtype=np.float32)[order[acc_idx]]
-        self._ts[a_slot, a_pos] = t_sorted[acc_idx]
+        a_values, a_ts = np.asarray(values, dtype=np.float32)[order[acc_idx]], t_sorted[acc_idx]
+        self._values[a_slot, a_pos], self._ts[a_slot, a_pos] = a_values, a_ts
+        mirror = a_pos < self.window - 1
+        self._values[a_slot[mirror], a_pos[mirror] + self.ring] = a_values[mirror]
+        self._ts[a_slot[mirror], a_pos[mirror] + self.ring] = a_ts[mirror]
         if partitions is not None:
             self._part[s_sorted] = np.asarray(partitions, dtype=np.int32)[order]
         self._count[group_slot] += np.add.reduceat(accepted.astype(np.int64), starts)
@@ -247,7 +253,9 @@ class WindowStore:
         by_arrival = np.argsort(order[chosen], kind="stable")
         chosen = chosen[by_arrival]
         r_slot = s_sorted[chosen]
-        r_pos = (count_after[chosen] - 1) % self.ring
-        idx = (r_pos[:, None] - (self.window - 1) + np.arange(self.window)) % self.ring
-        windows = self._values[r_slot[:, None], idx]
-        return AppendResult(status, order[chosen].astype(np.int64), windows, self._ts[r_slot, idx[:, 0]])
+        start = (count_after[chosen] - self.window) % self.ring  # the window is [start, start + window)
+        st = self._values.strides  # a read-only view [slot, start, step, feature] over the buffers
+        blocks = np.lib.stride_tricks.as_strided(self._values, (len(self._keys), self.ring, self.window,
+                                                                self.n_features), (st[0], st[1], st[1], st[2]),
+                                                 writeable=False)
+        return AppendResult(status, order[chosen].astype(np.int64), blocks[r_slot, start], self._ts[r_slot, start])

@@ -107,3 +107,20 @@ def test_read_sessions_formats(tmp_path: Path) -> None:
     assert read_sessions(tmp_path / "l.csv") == ([["5", "22"], ["9"]], [0, 1])
     (tmp_path / "rows.csv").write_text("LineId,BlockId,EventId\n1,blk_1,E5\n2,blk_2,E9\n3,blk_1,E11\n")
     assert read_sessions(tmp_path / "rows.csv") == ([["E5", "E11"], ["E9"]], None)
+
+
+def test_training_set_distinct_windows_and_backoff() -> None:
+    from models.deeplog import training_set
+
+    vocab = Vocabulary(KEYS)  # a=2 b=3 c=4 d=5
+    sessions = [["a", "b", "c"]] * 3 + [["a", "b", "d"], ["d", "b", "d"]]
+    plain = training_set(sessions, vocab, h=2)
+    assert plain.total_windows == 15 and len(plain.windows) == 5
+    ab, db = plain.windows.tolist().index([2, 3]), plain.windows.tolist().index([5, 3])
+    assert plain.counts[ab] == 4 and plain.targets[ab, 4] == pytest.approx(0.75)
+    assert plain.targets[db, 5] == pytest.approx(1.0) and plain.targets[db, 4] == 0.0
+    blended = training_set(sessions, vocab, h=2, backoff=0.5, backoff_order=1)
+    np.testing.assert_allclose(blended.targets.sum(axis=1), 1.0, rtol=1e-6)
+    # after "b" alone: c 3 times, d twice, so "d b" now also expects c, though never seen after "d b"
+    assert blended.targets[db, 4] == pytest.approx(0.5 * 0.6)
+    assert blended.targets[db, 5] == pytest.approx(0.5 + 0.5 * 0.4)

@@ -54,8 +54,9 @@ def test_windows_split_and_scaler_use_training_rows_only(tmp_path: Path) -> None
     assert raw_val_start == pytest.approx(300, abs=1e-3)  # validation windows start after the cut: no leakage
     w = data.windows(np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10.0), window=4, stride=3)
     assert w.x.shape == (3, 4, 2) and w.x[1, 0, 0] == 6 and list(w.y) == [3, 6, 9]
-    with_events = data.windows(np.zeros((10, 1), np.float32), np.array([0, 0, 0, 0, 1, 0, 0, 0, 0, 0.0]), 4, 3, True)
-    assert list(with_events.y) == [0, 1, 0, 0]
+    events = np.array([0, 0, 0, 0, 1, 1, 1, 0, 0, 0.0])
+    with_events = data.windows(np.arange(10, dtype=np.float32)[:, None], events, window=4, stride=3, event_stride=2)
+    assert list(with_events.x[:, -1, 0]) == [3, 5, 6, 9]  # every 3rd window, plus every 2nd ending on an event
 
 
 def test_explicit_features_any_width_and_gaps_within_tolerance(tmp_path: Path) -> None:

@@ -28,14 +28,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("models-train")
     path = root / "fab.parquet"
-    synth.write(synth.generate(entities=6, steps=2500, seed=0, anomaly_rate=0.1), path)
+    synth.write(synth.generate(entities=6, steps=2500, seed=0, anomaly_rate=0.2), path)
     result = train(TrainConfig.quick(data=path, registry=root / "registry", fp16=True, val_fraction=0.3))
     return result, Registry(root / "registry")
 
 
 def _held_out() -> tuple[np.ndarray, np.ndarray]:
     """Raw windows and labels of fresh entities from another seed: nothing the model trained or calibrated on."""
-    table = synth.generate(entities=4, steps=1500, seed=1, anomaly_rate=0.1)
+    table = synth.generate(entities=4, steps=1500, seed=1, anomaly_rate=0.2)
     feats = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES]).reshape(4, 1500, 12)
     label = table.column("label").to_numpy().astype(np.float32).reshape(4, 1500)
     parts = [data.windows(feats[e], label[e], 100, stride=2) for e in range(4)]
@@ -68,7 +68,8 @@ def test_exported_graph_is_fused_and_in_parity(trained) -> None:
     x = np.random.default_rng(3).standard_normal((64, 100, 12)).astype(np.float32)
     keras_score = np.asarray(load_keras(vdir)(x)[0])
     for fp16, tolerance in ((False, 1e-4), (True, 1e-2)):
-        onnx_model = ScoringModel(vdir, manifest.model_copy(update={"scaler": None}), ["CPUExecutionProvider"], fp16=fp16)
+        unscaled = manifest.model_copy(update={"scaler": None})  # compare on the same (already scaled) input
+        onnx_model = ScoringModel(vdir, unscaled, ["CPUExecutionProvider"], fp16=fp16)
         assert np.max(np.abs(onnx_model.predict(x).score - keras_score)) <= tolerance
 
 
@@ -103,14 +104,15 @@ def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Pa
     from models.train import TrainConfig, train
 
     path = tmp_path / "fab.csv"
-    table = synth.generate(entities=2, steps=900, seed=2, anomaly_rate=0.05)
+    table = synth.generate(entities=2, steps=600, seed=2, anomaly_rate=0.05)
     synth.write(table.drop_columns(["label"]), path)
+    # a 30-step window keeps this test cheap; the 100-step contract is covered above
     result = train(TrainConfig.quick(data=path, registry=tmp_path / "reg", task="forecast", label_col=None,
-                                     epochs=1, stride=16))
+                                     window=30, epochs=2, stride=2))
     m = result.manifest
     assert m.outputs == ["score", "member_scores", "weights", "feature_error"] and "q0.99" in m.thresholds.method
     model = ScoringModel.from_registry(tmp_path / "reg", providers=["CPUExecutionProvider"])
-    x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES])[:100][None].repeat(2, axis=0)
+    x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES])[:30][None].repeat(2, axis=0)
     x[1, -1, 3] += 40 * np.asarray(m.scaler.std)[3]  # the newest motor temperature jumps
     out = model.predict(x)
     assert out.feature_error.shape == (2, 12) and int(np.argmax(out.feature_error[1])) == 3

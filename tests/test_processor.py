@@ -20,6 +20,7 @@ from export.registry import Registry, atomic_write_text
 from export.runtime import ScoringModel
 from stream.decode import BatchDecoder
 from stream.engine import ScoringEngine, run_offline
+from stream.schemas import ModelEvent
 from stream.topics import ensure_topics
 from onnx_fixtures import add_version, make_registry, readings
 from stream_helpers import committed_offsets, log_has, produce, read_all, start_serve, stop, wait_for
@@ -146,20 +147,28 @@ def test_sigkill_restart_exactly_once_read_committed_sees_each_alert_once(topics
 
 
 def test_two_instances_emit_the_same_alerts_as_one(topics, registry, tmp_path) -> None:
+    """The second instance joins mid-stream: the rebalance moves partitions with committed offsets to
+    it, and it rebuilds their windows from the history before them."""
     data = readings(ENTITIES, 300, seed=5, spikes={e: [150 + 7 * i] for i, e in enumerate(ENTITIES[::3])})
+    half = len(data) // 2
     expected = reference_ids(registry, data)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [start_serve(topics, registry, "--instance-id", f"i{i}", "--exactly-once", log_path=lg)
-             for i, lg in enumerate(logs)]
+    procs = [start_serve(topics, registry, "--instance-id", "i0", "--exactly-once", log_path=logs[0])]
     try:
-        wait_for(lambda: all(log_has(lg, "assigned partitions [") for lg in logs), 60, what="both instances assigned")
-        produce(topics, topics.topics.sensors, data[: len(data) // 2])
-        produce(topics, topics.topics.sensors, data[len(data) // 2:])
+        wait_for(lambda: log_has(logs[0], "assigned partitions ["), 60, what="first instance assigned")
+        produce(topics, topics.topics.sensors, data[:half])
+        group, sensors = "fabwatch-processor", topics.topics.sensors
+        wait_for(lambda: sum(max(o, 0) for o in committed_offsets(topics, group, sensors, PARTITIONS).values())
+                 == half, 60, what="first half committed")
+        procs.append(start_serve(topics, registry, "--instance-id", "i1", "--exactly-once", log_path=logs[1]))
+        wait_for(lambda: re.search(r"assigned partitions \[\d", logs[1].read_text()) is not None, 60,
+                 what="second instance holding partitions")
+        produce(topics, topics.topics.sensors, data[half:])
         got = alerts_of(read_all(topics, topics.topics.alerts, expect=len(expected), timeout_s=90))
     finally:
-        assert [stop(p) for p in procs] == [0, 0]
-    assigned = [re.findall(r"assigned partitions \[([\d, ]*)\]", lg.read_text())[-1] for lg in logs]
-    assert all(assigned), assigned  # both instances held partitions at the end
+        assert [stop(p) for p in procs] == [0] * len(procs)
+    rebuilt = re.findall(r"windows rebuilt for (\d+) keys", logs[1].read_text())
+    assert rebuilt and int(rebuilt[-1]) > 0  # the newcomer re-read history for its partitions
     assert sorted(a["alert_id"] for a in got) == sorted(expected)
 
 
@@ -177,17 +186,22 @@ def test_hot_reload_mid_stream(topics, registry, tmp_path) -> None:
         (registry / bad / "model.onnx").write_bytes(b"tampered")
         atomic_write_text(registry / "current", bad + "\n")
         wait_for(lambda: log_has(log, f"hot reload of {bad} failed"), 30, what="failed reload logged")
+        event_version = add_version(registry, promote=False, weights=(0.7, 0.3))  # announced by a ModelEvent only
+        event = ModelEvent(version=event_version, action="promoted", ts=0,
+                           sha256=Registry(registry).manifest(event_version).files["model.onnx"])
+        produce(topics, topics.topics.models, [event.model_dump_json().encode()])
+        wait_for(lambda: log_has(log, f"hot reload: v0002 -> {event_version}"), 30, what="reload on a ModelEvent")
         produce(topics, topics.topics.sensors, second)
         scores = alerts_of(read_all(topics, topics.topics.scores, expect=4 * 301, timeout_s=60))
         alerts = alerts_of(read_all(topics, topics.topics.alerts, idle_s=1.0))
     finally:
         assert stop(proc) == 0
     assert len(scores) == 4 * 301  # no reading skipped: 101 windows per key, then 200 more
-    assert {s["model_version"] for s in scores if s["window_end_ts"] >= second[0]["ts"]} == {"v0002"}
+    assert {s["model_version"] for s in scores if s["window_end_ts"] >= second[0]["ts"]} == {event_version}
     assert {s["model_version"] for s in scores if s["window_end_ts"] <= first[-1]["ts"]} == {"v0001"}
     versions = {a["entity"]: a["model_version"] for a in alerts if a["state"] == "open"}
-    assert versions == {"OHT-001": "v0001", "OHT-002": "v0002"}
-    assert Registry(registry).current_version() == bad  # the tampered one is current, yet v0002 kept serving
+    assert versions == {"OHT-001": "v0001", "OHT-002": event_version}
+    assert Registry(registry).current_version() == bad  # the tampered one is current, yet it never served
 
 
 def test_sigterm_commits_and_exits_zero(topics, registry, tmp_path) -> None:
