@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from export.errors import UsageError
+from stream.cli_options import BootstrapOpt, JsonFlag, emit, settings_for
 from stream.config import Settings
 
 app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
@@ -19,22 +20,6 @@ broker_app = typer.Typer(help="Local single-node Apache Kafka (KRaft), data unde
 bench_app = typer.Typer(help="Benchmarks that print numbers with the machine and the command.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(bench_app, name="bench")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
-                                                     "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
-
-
-def settings_for(bootstrap: str | None = None) -> Settings:
-    settings = Settings()
-    if bootstrap:
-        settings.bootstrap = bootstrap
-    return settings
-
-
-def emit(data: dict, as_json: bool, human: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
-
 
 # ---- broker ---------------------------------------------------------------------------------------
 

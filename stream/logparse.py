@@ -40,7 +40,7 @@ class LogRow:
     line_id: int
     block_id: str
     event_id: str
-    ts: int = 0
+    ts: int
 
 
 @lru_cache(maxsize=4096)

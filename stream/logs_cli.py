@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from export.errors import UsageError
-from stream.serve_cli import BootstrapOpt
+from stream.cli_options import BootstrapOpt, settings_for
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hdfs"
 
@@ -160,7 +160,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Score the log-key stream with the registry's current logkeys model and produce `log` alerts."""
         import logging
 
-        from stream.config import Settings
         from stream.logserve import LogServeConfig, LogServer
 
         logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -169,7 +168,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise UsageError(f"no model registry at {registry}")
         config = LogServeConfig(registry=registry, group_id=group, idle_timeout_s=idle_timeout_s,
                                 max_batch=max_batch, max_wait_ms=max_wait_ms, max_sessions=max_sessions, top_g=top_g)
-        server = LogServer(Settings(**({"bootstrap": bootstrap} if bootstrap else {})), config)
+        server = LogServer(settings_for(bootstrap), config)
         server.install_signal_handlers()
         server.run()
 

@@ -44,6 +44,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from export.errors import UsageError
 from stream.config import Settings
 from stream.logscore import UNK, LogKeyScorer, next_key_ranks
+from stream.processor import DeliveryFailed
 from stream.schemas import Alert, DeadLetter, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
 from stream.topics import ensure_topics
 from stream.windows import OK, WindowStore
@@ -61,7 +62,6 @@ class LogServeConfig:
     max_wait_ms: int = 50
     max_sessions: int = 1_000_000
     top_g: int | None = None
-    providers: Sequence[str] | None = None
 
 
 @dataclass
@@ -186,10 +186,6 @@ class LogSessions:
         self.windows.drop(names)
 
 
-class DeliveryFailed(RuntimeError):
-    """An alert could not be delivered: do not commit, exit non-zero, let the restart redo the poll."""
-
-
 class LogServer:
     """The consumer loop around ``LogSessions``."""
 
@@ -197,7 +193,7 @@ class LogServer:
         self.settings, self.config, self.topics = settings, config, settings.topics
         if config.max_sessions < config.max_batch:
             raise UsageError("--max-sessions must be at least --max-batch (a poll's sessions must all fit)")
-        scorer = LogKeyScorer.from_registry(config.registry, providers=config.providers, top_g=config.top_g)
+        scorer = LogKeyScorer.from_registry(config.registry, top_g=config.top_g)
         self.sessions = LogSessions(scorer, config.max_sessions)
         self._stop = threading.Event()
         self._next_offset: dict[int, int] = {}

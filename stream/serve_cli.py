@@ -12,19 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from export.errors import UsageError
-
-BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
-                                                     "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
-
-
-def _settings(bootstrap: str | None):
-    from stream.config import Settings
-
-    settings = Settings()
-    if bootstrap:
-        settings.bootstrap = bootstrap
-    return settings
-
+from stream.cli_options import BootstrapOpt, JsonFlag, settings_for
 
 def serve(
     registry: Annotated[Path, typer.Option("--registry", help="model registry directory (serves its `current`)")],
@@ -61,7 +49,7 @@ def serve(
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     if instance_id:
         config.instance_id = instance_id
-    processor = Processor(_settings(bootstrap), config)
+    processor = Processor(settings_for(bootstrap), config)
     processor.install_signal_handlers()
     processor.run()
 
@@ -82,7 +70,7 @@ def alerts_tail(
 
     from stream.schemas import Alert
 
-    settings = _settings(bootstrap)
+    settings = settings_for(bootstrap)
     consumer = Consumer(settings.client_config(**{
         "group.id": f"fabwatch-tail-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
         "auto.offset.reset": "earliest" if from_beginning else "latest", "isolation.level": "read_committed"}))
@@ -120,12 +108,12 @@ def bench_stream(
     entities: Annotated[int, typer.Option(help="distinct keys")] = 200,
     latency_seconds: Annotated[float, typer.Option(help="duration of the 1,000 readings/s latency run")] = 15.0,
     rounds: Annotated[int, typer.Option(min=1, help="alternated (a)/(b) rounds; the best of each is compared")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Processor throughput vs raw consume, full-size ensemble at stride 1/10, ingest-to-alert latency."""
     from stream.bench_stream import run_bench
 
-    result = run_bench(_settings(bootstrap), messages=messages, entities=entities, latency_seconds=latency_seconds,
+    result = run_bench(settings_for(bootstrap), messages=messages, entities=entities, latency_seconds=latency_seconds,
                        rounds=rounds, log=lambda s: typer.echo(s, err=True))
     typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 

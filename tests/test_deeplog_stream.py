@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from stream.logparse import parse_file
 from stream.schemas import Alert, alert_id_for
-from stream_helpers import REPO, committed_offsets, read_all, serve_env, stop
+from stream_helpers import REPO, committed_offsets, log_has, produce, read_all, serve_env, stop, wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEMPLATES = FIXTURES / "hdfs_tiny_templates.csv"
@@ -107,6 +107,7 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
     sent = json.loads(replayed.stdout)
     n_rows = sum(len(e.split()) for e in SESSIONS.values())
     assert (sent["sent"], sent["topic"]) == (n_rows, settings.topics.logkeys)
+    produce(settings, settings.topics.logkeys, [b"not a log key"], keys=[b"blk_101"])  # -> the DLQ, not an alert
 
     group = f"logs-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "serve.log"
@@ -115,6 +116,7 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
                                   "--idle-timeout-s", "2", "--group", group, "--max-wait-ms", "20"],
                                  cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)
     try:
+        wait_for(lambda: log_has(log_path, "serving logkeys model"), timeout_s=60, what="logs serve to start")
         expected = len(bad_windows) + 1  # + the short session's alert when it closes
         raw_alerts = read_all(settings, settings.topics.alerts, expect=expected, idle_s=4.0, timeout_s=60)
     finally:
@@ -141,9 +143,12 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
     (short,) = [a for a in alerts if a.detail["reason"] == "short_session"]
     assert (short.entity, short.detail["keys"], short.threshold) == ("blk_205", 3, H + 1)
 
+    (dead,) = [json.loads(d) for d in read_all(settings, settings.topics.dlq, expect=1, timeout_s=10)]
+    assert (dead["reason"], dead["key"]) == ("bad_json", "blk_101")
+
     # at-least-once: everything consumed was committed on SIGTERM
     committed = committed_offsets(settings, group, settings.topics.logkeys, settings.partitions)
-    assert sum(max(offset, 0) for offset in committed.values()) == n_rows
+    assert sum(max(offset, 0) for offset in committed.values()) == n_rows + 1
 
 
 def test_hdfs_log_replay_refuses_table_options_and_loop(tmp_path: Path) -> None:
@@ -155,3 +160,80 @@ def test_hdfs_log_replay_refuses_table_options_and_loop(tmp_path: Path) -> None:
         proc = _cli(settings, "replay", str(raw), "--format", "hdfs-log", "--templates", str(TEMPLATES), *extra)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("fabwatch: ")
+
+
+class _Chain:
+    """A stand-in ONNX session: the next key is the window's last key + 1 (after PAD: the first key)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_inputs(self) -> list:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name="keys")]
+
+    def run(self, _outputs: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        last = feeds["keys"][:, -1]
+        nxt = np.minimum(np.where(last == 0, 2, last + 1), self.vocab_size - 1)
+        probs = np.full((len(last), self.vocab_size), 0.01, np.float32)
+        probs[np.arange(len(last)), nxt] = 1.0
+        return [probs / probs.sum(axis=1, keepdims=True)]
+
+
+def _sessions(max_sessions: int = 100):
+    from types import SimpleNamespace
+
+    from stream.logscore import LogKeyScorer
+    from stream.logserve import LogSessions
+
+    manifest = SimpleNamespace(extra={"vocabulary": ["a", "b", "c", "d", "e"], "h": 2, "top_g": 1}, version="v9")
+    return LogSessions(LogKeyScorer(_Chain(7), manifest), max_sessions=max_sessions)
+
+
+def _keys(*items: tuple[str, str, int]) -> list:
+    from stream.schemas import LogKey
+
+    return [LogKey(session=s, ts=1_000 * line, key=k, line=line) for s, k, line in items]
+
+
+def test_sessions_across_polls_match_offline_scoring() -> None:
+    """Polls split sessions anywhere, redeliveries are not scored twice; the verdicts are offline's."""
+    from stream.logscore import score_sessions
+
+    live = _sessions()
+    polls = [_keys(("s1", "a", 1), ("s2", "a", 2), ("s1", "b", 3), ("s3", "a", 4)),
+             _keys(("s2", "c", 5), ("s1", "b", 3), ("s1", "c", 6), ("s3", "z", 7), ("s1", "d", 8))]
+    alerts = [a for poll in polls for a in live.process(poll, [None] * len(poll), now=0.0)]
+    assert [(a.entity, a.detail["key"], a.detail["reason"], a.severity) for a in alerts] == [
+        ("s2", "c", "unexpected_key", "warning"), ("s3", "z", "unknown_key", "critical")]
+    assert (alerts[0].detail["window"], alerts[0].detail["expected"], alerts[0].score) == (["<pad>", "a"], ["b"], 2.0)
+    assert live.close_idle(5.0, now=1.0) == []  # nothing idle yet
+    short = live.close_idle(5.0, now=10.0)
+    assert sorted((a.entity, a.detail["reason"], a.detail["keys"]) for a in short) == [
+        ("s2", "short_session", 2), ("s3", "short_session", 2)]
+    assert not live.sessions and len(live.windows) == 0
+
+    offline = score_sessions(live.scorer, [["a", "b", "c", "d"], ["a", "c"], ["a", "z"]])
+    assert offline.anomalous.tolist() == [False, True, True]
+
+
+def test_sessions_beyond_the_cap_close_early() -> None:
+    live = _sessions(max_sessions=2)
+    live.process(_keys(("s1", "a", 1), ("s2", "a", 2)), [None] * 2, now=0.0)
+    alerts = live.process(_keys(("s2", "b", 3), ("s3", "a", 4)), [None] * 2, now=1.0)
+    assert [(a.entity, a.detail["reason"]) for a in alerts] == [("s1", "short_session")]
+    assert list(live.sessions) == ["s2", "s3"] and "s1" not in live.windows
+
+
+def test_log_messages_are_log_keys_keyed_by_session() -> None:
+    from stream.replay import log_messages
+    from stream.schemas import LogKey
+
+    messages = log_messages(FIXTURES / "hdfs_tiny.log", TEMPLATES)
+    keys = [LogKey.model_validate_json(v) for v in messages.values]
+    assert keys[0] == LogKey(session="blk_-1608999687919862906", ts=1_226_262_918_000, key="E5", line=1)
+    assert [k.session.encode() for k in keys] == messages.keys and messages.ts.tolist() == [k.ts for k in keys]
+    assert [(k.session, k.line) for k in keys if k.key == "E30"] == [  # one line, two sessions
+        ("blk_7503483334202473044", 7), ("blk_-3544583377289625738", 7)]
+    assert messages.rows_in_file == 8 and messages.shifted is None
