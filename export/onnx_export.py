@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 FORBIDDEN_OPS = ("Loop", "Scan")
 OPSET = 17
@@ -85,7 +88,11 @@ def keras_to_onnx(model, out_path: Path, input_name: str = "window", output_name
     return ExportReport(path=out_path, op_histogram=hist, parity_max_abs=diff, outputs=names)
 
 
-def _dedicated_output_nodes(model) -> None:
+def _casts_to(node: onnx.NodeProto, dtype: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in node.attribute)
+
+
+def _dedicated_output_nodes(model: onnx.ModelProto) -> None:
     """Give every graph output its own Identity producer, so a tensor that is both an output and consumed
     inside the graph (e.g. ``weights``) can be cast back to fp32 for the caller while staying fp16 inside."""
     import onnx
@@ -98,7 +105,7 @@ def _dedicated_output_nodes(model) -> None:
         model.graph.node.append(onnx.helper.make_node("Identity", [inner], [out.name], name=f"{out.name}__identity"))
 
 
-def _bypass_input_roundtrips(model) -> None:
+def _bypass_input_roundtrips(model: onnx.ModelProto) -> None:
     """A blocked (fp32) node fed from a graph input gets the input itself, not its fp16-rounded copy: the
     in-graph rules compare against thresholds, and rounding the window to fp16 would flip flags."""
     from onnx import TensorProto
@@ -106,7 +113,7 @@ def _bypass_input_roundtrips(model) -> None:
     inputs = {i.name for i in model.graph.input}
     producer = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
-        if node.op_type != "Cast" or node.attribute[0].i != TensorProto.FLOAT:
+        if not _casts_to(node, TensorProto.FLOAT):
             continue
         src = producer.get(node.input[0])
         if src is not None and src.op_type == "Cast" and src.input[0] in inputs:
@@ -130,12 +137,12 @@ def to_fp16(src: Path, dst: Path, block_nodes: Sequence[str] = ("rule_flags",), 
     model = onnx.load(str(src))
     _dedicated_output_nodes(model)
     float_casts = {n.name for n in model.graph.node
-                   if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT}
+                   if _casts_to(n, TensorProto.FLOAT)}
     blocked = [n.name for n in model.graph.node if any(b in n.name for b in block_nodes)]
     half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked)
     for node in half.graph.node:
         if node.name in float_casts and node.name not in blocked:
-            node.attribute[0].i = TensorProto.FLOAT16
+            next(a for a in node.attribute if a.name == "to").i = TensorProto.FLOAT16
     _bypass_input_roundtrips(half)
     dst = Path(dst)
     onnx.save(half, str(dst))

@@ -27,7 +27,6 @@ sessions are dropped, without alerts): a session cut by one is scored afresh fro
 
 from __future__ import annotations
 
-import base64
 import logging
 import signal
 import socket
@@ -44,8 +43,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from export.errors import UsageError
 from stream.config import Settings
 from stream.logscore import UNK, LogKeyScorer, next_key_ranks
-from stream.processor import DeliveryFailed
-from stream.schemas import Alert, DeadLetter, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
+from stream.outputs import DeliveryTracker, dead_letter
+from stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
 from stream.topics import ensure_topics
 from stream.windows import OK, WindowStore
 
@@ -197,7 +196,7 @@ class LogServer:
         self.sessions = LogSessions(scorer, config.max_sessions)
         self._stop = threading.Event()
         self._next_offset: dict[int, int] = {}
-        self._delivery_error: KafkaError | None = None
+        self._delivery = DeliveryTracker()
         self._failed = False
         self.counts = {"consumed": 0, "dead_letters": 0, "alerts": 0}
         base = settings.client_config()
@@ -228,7 +227,7 @@ class LogServer:
                 alerts += self.sessions.close_idle(cfg.idle_timeout_s)
                 if alerts or msgs:
                     self._produce(alerts)
-                    self._flush_or_raise()
+                    self._delivery.flush_or_raise(self.producer)
                     self._commit(sync=False)
             self._commit(sync=True)
         except BaseException:
@@ -256,7 +255,7 @@ class LogServer:
             try:
                 good.append(decode_logkey(m.value(), self.settings.max_message_bytes))
             except Rejected as exc:
-                self._dead_letter(m, source, exc)
+                self._dead_letter(m, exc)
                 continue
             sources.append(source)
             ingest.append(m.timestamp()[1])
@@ -266,30 +265,18 @@ class LogServer:
         return self.sessions.process(good, sources, ingest_ms=np.asarray(ingest, np.float64),
                                      clock_ms=time.time() * 1000.0)
 
-    def _dead_letter(self, m: Message, source: SourceOffset, exc: Rejected) -> None:
-        key = m.key()
-        letter = DeadLetter(value_b64=base64.b64encode(m.value() or b"").decode(),
-                            key=key.decode(errors="replace") if key is not None else None, source=source,
-                            reason=exc.reason, detail=exc.detail, ts=int(time.time() * 1000))
-        self.producer.produce(self.topics.dlq, letter.model_dump_json().encode(), key, on_delivery=self._on_delivery)
+    def _dead_letter(self, m: Message, exc: Rejected) -> None:
+        letter = dead_letter(m, exc.reason, exc.detail, int(time.time() * 1000))
+        self.producer.produce(self.topics.dlq, letter.model_dump_json().encode(), m.key(),
+                              on_delivery=self._delivery.on_delivery)
         self.counts["dead_letters"] += 1
 
     def _produce(self, alerts: list[Alert]) -> None:
         for alert in alerts:
             self.producer.produce(self.topics.alerts, alert.model_dump_json().encode(), alert.entity.encode(),
-                                  on_delivery=self._on_delivery)
+                                  on_delivery=self._delivery.on_delivery)
         self.counts["alerts"] += len(alerts)
         self.producer.poll(0)
-
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            self._delivery_error = err
-
-    def _flush_or_raise(self) -> None:
-        remaining = self.producer.flush(30)
-        if remaining or self._delivery_error is not None:
-            raise DeliveryFailed(f"alerts not delivered ({remaining} pending, error: {self._delivery_error}); "
-                                 "offsets not committed")
 
     def _commit(self, sync: bool, partitions: Sequence[int] | None = None) -> None:
         offsets = [TopicPartition(self.topics.logkeys, p, off) for p, off in sorted(self._next_offset.items())

@@ -21,7 +21,6 @@ Hot reload
 
 from __future__ import annotations
 
-import base64
 import logging
 import signal
 import socket
@@ -43,7 +42,8 @@ from stream.decode import BatchDecoder, DecodedColumns
 from stream.engine import EngineResult, ScoringEngine
 from stream.metrics import MetricsServer, ProcessorMetrics
 from stream.policy import PolicyConfig
-from stream.schemas import DeadLetter, ModelEvent, RejectReason, SourceOffset
+from stream.outputs import DeliveryTracker, dead_letter
+from stream.schemas import ModelEvent, RejectReason
 from stream.topics import ensure_topics
 from stream.windows import DUPLICATE, LATE
 
@@ -73,10 +73,6 @@ class ProcessorConfig:
     providers: Sequence[str] | None = None
 
 
-class DeliveryFailed(RuntimeError):
-    """An output could not be delivered: do not commit, exit non-zero, let the restart redo the batch."""
-
-
 class Processor:
     def __init__(self, settings: Settings, config: ProcessorConfig):
         self.settings, self.config = settings, config
@@ -94,7 +90,7 @@ class Processor:
         self._assigned: set[int] = set()
         self._next_offset: dict[int, int] = {}
         self._assigned_once = False
-        self._delivery_error: KafkaError | None = None
+        self._delivery = DeliveryTracker()
         self._failed = False
         self._last_housekeeping = 0.0
         self._cap_evictions_seen = 0
@@ -152,7 +148,7 @@ class Processor:
             self._close()
             raise
         if not self.config.exactly_once:
-            self._flush_or_raise()
+            self._delivery.flush_or_raise(self.producer)
             self._commit(sync=True)
         self._close()
         log.info("stopped cleanly")
@@ -197,7 +193,7 @@ class Processor:
             self._deliver_transactional(good, cols, result)
         else:
             self._produce_outputs(good, cols, result)
-            self._flush_or_raise()
+            self._delivery.flush_or_raise(self.producer)
             self._commit(sync=False)
         self._observe(result)
 
@@ -207,36 +203,23 @@ class Processor:
         dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
         late = cols.index[result.status == LATE]
         dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
+        on_delivery = self._delivery.on_delivery
         for i, reason, detail in dead:
             m = msgs[i]
-            key = m.key()
-            letter = DeadLetter(value_b64=base64.b64encode(m.value() or b"").decode(),
-                                key=key.decode(errors="replace") if key is not None else None,
-                                source=SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()),
-                                reason=reason, detail=detail, ts=now_ms)
-            produce(topics.dlq, letter.model_dump_json().encode(), key, on_delivery=self._on_delivery)
+            produce(topics.dlq, dead_letter(m, reason, detail, now_ms).model_dump_json().encode(), m.key(),
+                    on_delivery=on_delivery)
             self.metrics.dlq.labels(reason=reason.value).inc()
         for alert in result.alerts:
             produce(topics.alerts, alert.model_dump_json().encode(), alert.entity.encode(),
-                    on_delivery=self._on_delivery)
+                    on_delivery=on_delivery)
         if self.config.emit_scores and len(result.scores.index):
             sc = result.scores
             for i, end_ts, score in zip(sc.index.tolist(), sc.window_end_ts.tolist(), sc.score.tolist()):
                 entity = cols.keys[i]
                 produce(topics.scores, orjson.dumps({"entity": entity, "window_end_ts": end_ts, "score": score,
                                                      "model_version": sc.model_version}), entity.encode(),
-                        on_delivery=self._on_delivery)
+                        on_delivery=on_delivery)
         self.producer.poll(0)
-
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            self._delivery_error = err
-
-    def _flush_or_raise(self) -> None:
-        remaining = self.producer.flush(30)
-        if remaining or self._delivery_error is not None:
-            raise DeliveryFailed(f"outputs not delivered ({remaining} pending, error: {self._delivery_error}); "
-                                 "offsets not committed")
 
     def _offsets(self, partitions: Sequence[int] | None = None) -> list[TopicPartition]:
         """Positions to commit, each with the alert policy state of its partition as metadata."""

@@ -37,12 +37,10 @@ def test_contract_outputs_for_every_task(full_classify) -> None:
     assert np.allclose(weights.sum(axis=1), 1, atol=1e-5) and ((0 <= member_scores) & (member_scores <= 1)).all()
     assert np.allclose(score, (member_scores * weights).sum(axis=1), atol=1e-5)
 
-    # the other tasks symbolically (running them is covered through ONNX by the training tests)
+    # forecast symbolically (running it is covered through ONNX by the training tests)
     forecast = ensemble.build(window=100, n_features=7, task="forecast", size="tiny")
     assert forecast.output_names == ["score", "member_scores", "weights", "feature_error"]
     assert forecast.output_shape == [(None,), (None, 5), (None, 5), (None, 7)]
-    regress = ensemble.build(window=100, n_features=3, task="regress", size="tiny", target_mean=30.0, target_std=10.0)
-    assert regress.output_shape == [(None,), (None, 5), (None, 5)]
 
 
 def test_summary_reports_counts_per_member() -> None:
