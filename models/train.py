@@ -11,6 +11,7 @@ This module imports TensorFlow: the CLI and the trainer import it inside the com
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -135,8 +136,9 @@ def _fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     log.info("training %s (%s trainable parameters)", model.name, f"{trainable:,}")
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
-                        verbose=1 if sys.stderr.isatty() else 2)
+    with contextlib.redirect_stdout(sys.stderr):  # the progress bar must not mix with `--json` on stdout
+        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks,
+                            verbose=1 if sys.stderr.isatty() else 2)
     best = {f"best_{k}": float(max(v) if k == "val_auc" else min(v))
             for k, v in history.history.items() if k in ("val_loss", "val_auc")}
     return {"epochs": len(history.history["loss"]), "seconds": time.perf_counter() - start, **best}

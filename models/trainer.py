@@ -126,6 +126,7 @@ class TrainerOptions:
     time_budget_s: float | None = None
     epochs: int | None = None
     quick: bool = False
+    warm_start: bool = True
     seed: int = 0
     retention_days: float | None = 90.0
     retention_bytes: int | None = None
@@ -255,7 +256,7 @@ class Trainer:
             overrides = dict(data=data_file, registry=opts.registry, task=serving.task,
                              label_col="label" if supervised else None, features=serving.feature_names,
                              window=serving.window, val_fraction=opts.val_fraction, seed=opts.seed,
-                             warm_start=True, promote=False, time_budget_s=opts.time_budget_s,
+                             warm_start=opts.warm_start, promote=False, time_budget_s=opts.time_budget_s,
                              size=serving.extra.get("size", "full"))
             if opts.epochs:
                 overrides["epochs"] = opts.epochs

@@ -210,6 +210,7 @@ def trainer_cmd(
     older_sample: Annotated[int, typer.Option(min=0, help="reservoir sample of older readings")] = 200_000,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="override the training epochs")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="few epochs, every 4th window (demo, CI)")] = False,
+    cold_start: Annotated[bool, typer.Option("--cold-start", help="train from scratch, not from the serving weights")] = False,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics on this port")] = None,
     bootstrap: BootstrapOpt = None,
     as_json: JsonFlag = False,
@@ -225,7 +226,7 @@ def trainer_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = TrainerOptions(registry=registry, store=store, recent_days=recent_days, older_sample=older_sample,
                              margin=margin, time_budget_s=parse_every(time_budget) if time_budget else None,
-                             epochs=epochs, quick=quick)
+                             epochs=epochs, quick=quick, warm_start=not cold_start)
     trainer = Trainer(settings_for(bootstrap), options)
     if metrics_port is not None:
         serve_metrics(trainer.metrics, metrics_port)

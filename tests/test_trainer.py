@@ -1,0 +1,160 @@
+"""The sidecar trainer against a real broker: store -> retrain (warm start) -> gate -> promote ->
+processor hot-swaps; a worse candidate is rejected; SIGKILL never leaves the registry unusable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pytest
+
+from export.registry import Registry
+from export.runtime import ScoringModel
+from models import synth
+from models.trainer import Trainer, TrainerLock, TrainerOptions
+from stream.config import Settings
+from stream.topics import ensure_topics
+from stream_helpers import produce, read_all, serve_env, start_serve, stop, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ENTITIES, STEPS = 4, 700
+
+
+def _readings(table: pa.Table, labels: np.ndarray | None = None) -> list[dict]:
+    feats = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES]).round(5).tolist()
+    label = table.column("label").to_numpy() if labels is None else labels
+    return [{"entity": e, "ts": int(t), "values": v, "label": int(lab)}
+            for e, t, v, lab in zip(table.column("entity").to_pylist(), table.column("ts").to_pylist(), feats, label)]
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory) -> Path:
+    """A registry whose current version was trained on properly labelled synthetic data."""
+    from models.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trainer")
+    data = root / "history.parquet"
+    synth.write(synth.generate(entities=ENTITIES, steps=STEPS, seed=3, anomaly_rate=0.2), data)
+    train(TrainConfig.quick(data=data, registry=root / "registry", epochs=2, val_fraction=0.3))
+    return root / "registry"
+
+
+def _copy(registry: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "registry"
+    shutil.copytree(registry, dst)
+    return dst
+
+
+def _trainer(settings: Settings, registry: Path, tmp_path: Path, **kw) -> Trainer:
+    options = TrainerOptions(registry=registry, store=tmp_path / "store", quick=True, epochs=1, val_fraction=0.3,
+                             **kw)
+    return Trainer(settings, options)
+
+
+def test_retrain_promotes_and_the_running_processor_switches(settings: Settings, serving: Path, tmp_path: Path):
+    registry = _copy(serving, tmp_path)
+    ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.models], partitions=3)
+    recent = synth.generate(entities=ENTITIES, steps=STEPS, seed=4, anomaly_rate=0.2)
+    produce(settings, settings.topics.sensors, _readings(recent))
+
+    log = tmp_path / "serve.log"
+    proc = start_serve(settings, registry, "--group", "proc", log_path=log)
+    try:
+        wait_for(lambda: any(orjson.loads(a)["model_version"] == "v0001"
+                             for a in read_all(settings, settings.topics.alerts, idle_s=1.0)),
+                 timeout_s=120, what="alerts from v0001")
+        trainer = _trainer(settings, registry, tmp_path, margin=1.0)  # any candidate passes: this test is the path
+        try:
+            assert trainer.ingest() == ENTITIES * STEPS
+            record = trainer.retrain_once()
+        finally:
+            trainer.close()
+        assert record["decision"] == "promoted", record
+        assert Registry(registry).current_version() == record["candidate"] == "v0002"
+        history = [json.loads(line) for line in (registry / "decisions.jsonl").read_text().splitlines()]
+        assert history[-1]["decision"] == "promoted" and "serving_value" in history[-1]
+
+        later = synth.generate(entities=ENTITIES, steps=STEPS, seed=5, anomaly_rate=0.2)
+        shift = STEPS * synth.STEP_MS
+        more = [{**r, "ts": r["ts"] + shift} for r in _readings(later)]
+        produce(settings, settings.topics.sensors, more)
+        wait_for(lambda: any(orjson.loads(a)["model_version"] == "v0002"
+                             for a in read_all(settings, settings.topics.alerts, idle_s=1.0)),
+                 timeout_s=120, what="alerts from v0002 after the promotion")
+    finally:
+        assert stop(proc) == 0, log.read_text()[-2000:]
+    models_topic = [orjson.loads(m) for m in read_all(settings, settings.topics.models)]
+    assert [(e["version"], e["action"]) for e in models_topic] == [("v0002", "promoted")]
+
+
+def test_candidate_trained_on_shuffled_labels_is_rejected(settings: Settings, serving: Path, tmp_path: Path):
+    registry = _copy(serving, tmp_path)
+    ensure_topics(settings, [settings.topics.sensors])
+    table = synth.generate(entities=ENTITIES, steps=STEPS, seed=6, anomaly_rate=0.2)
+    labels = table.column("label").to_numpy().copy()
+    # shuffle each entity's training part; the validation tail keeps the truth. From scratch (a warm
+    # start would keep the serving model's skill), the candidate learns nothing.
+    rng = np.random.default_rng(0)
+    for e in range(ENTITIES):
+        head = slice(e * STEPS, e * STEPS + int(STEPS * 0.7))
+        labels[head] = rng.permutation(labels[head])
+    produce(settings, settings.topics.sensors, _readings(table, labels))
+    trainer = _trainer(settings, registry, tmp_path, margin=0.02, warm_start=False)
+    try:
+        trainer.ingest()
+        record = trainer.retrain_once()
+    finally:
+        trainer.close()
+    assert record["decision"] == "rejected", record
+    assert record["candidate_value"] < record["serving_value"]
+    assert Registry(registry).current_version() == "v0001"
+    assert "v0002" in Registry(registry).versions()  # kept for inspection, not serving
+
+
+def test_sigkill_during_training_leaves_the_registry_serving(settings: Settings, serving: Path, tmp_path: Path):
+    registry = _copy(serving, tmp_path)
+    ensure_topics(settings, [settings.topics.sensors])
+    produce(settings, settings.topics.sensors, _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=7)))
+    args = [sys.executable, "-m", "stream.cli", "trainer", "--registry", str(registry), "--store",
+            str(tmp_path / "store"), "--once", "--quick", "--epochs", "1", "--margin", "1.0", "--json"]
+    log = tmp_path / "trainer.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=serve_env(settings), stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: any(registry.glob(".staging-*")) or proc.poll() is not None, timeout_s=180,
+             what="training to reach export")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    reg = Registry(registry)
+    assert reg.current_version() == "v0001"
+    ScoringModel.from_registry(registry)               # current still verifies and loads
+    assert (registry / ".trainer.lock").exists()       # left behind by the killed trainer...
+    assert TrainerLock(registry).acquire()             # ...and recognised as stale
+    TrainerLock(registry).path.unlink()
+
+    rerun = subprocess.run(args, env=serve_env(settings), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["decision"] == "promoted"
+    assert reg.current_version() == reg.versions()[-1] != "v0001"
+    ScoringModel.from_registry(registry)
+
+
+def test_two_trainers_cannot_promote_at_once(tmp_path: Path):
+    first, second = TrainerLock(tmp_path), TrainerLock(tmp_path)
+    assert first.acquire()
+    assert not second.acquire()
+    first.release()
+    assert second.acquire()
+    # a lock older than the stale limit is taken over even if its owner looks alive
+    (tmp_path / ".trainer.lock").write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere",
+                                                        "since": time.time() - 7 * 3600}))
+    assert TrainerLock(tmp_path).acquire()
