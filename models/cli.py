@@ -5,23 +5,18 @@ Module-level imports stay light: TensorFlow loads inside the commands that need 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from export.errors import UsageError
+from stream.cli_options import JsonFlag, RegistryOpt, emit
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
 TASKS = ("classify", "regress", "forecast")
 SIZES = ("full", "small", "tiny")
 
-
-def _emit(data: Any, as_json: bool, human: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
 
 
 def _log_to_stderr() -> None:
@@ -52,7 +47,7 @@ def synth(out: Annotated[Path, typer.Option("--out", help="output file, .parquet
     info = {"out": str(out), "rows": table.num_rows, "entities": entities, "features": list(generator.FEATURES),
             "label_rate": float(np.mean(table.column("label").to_numpy())),
             "event_rows": {str(k): int(c) for k, c in zip(kinds, counts)}}
-    _emit(info, as_json, f"wrote {info['rows']} readings of {entities} entities to {out} "
+    emit(info, as_json, f"wrote {info['rows']} readings of {entities} entities to {out} "
                          f"({info['label_rate']:.1%} labelled: {info['event_rows']})")
 
 
@@ -106,7 +101,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet read
                "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
                "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
     auc = m.metrics.get("roc_auc")
-    _emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
+    emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
                             f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
                             + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}")
 
@@ -129,7 +124,7 @@ def export(registry: RegistryOpt,
     new, promoted = write_version(load_keras(vdir), manifest.model_copy(update={"files": {}, "parity": {}}), reg,
                                   fp16=fp16, promote=not no_promote)
     parity = reg.manifest(new).parity
-    _emit({"version": new, "from": source, "promoted": promoted, "parity": parity}, as_json,
+    emit({"version": new, "from": source, "promoted": promoted, "parity": parity}, as_json,
           f"{new} exported from {source} ({'promoted' if promoted else 'not promoted'}), parity {parity}")
 
 
@@ -151,7 +146,7 @@ def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")
     lines = [f"{'member':<14}{'parameters':>12}{'design':>10}{'deviation':>11}"]
     lines += [f"{name:<14}{r['parameters']:>12,}{r['design'] or '':>10}"
               f"{'' if r['deviation'] is None else format(r['deviation'], '+.1%'):>11}" for name, r in rows.items()]
-    _emit({"size": size, "window": window, "features": features, "task": task, "members": rows}, as_json,
+    emit({"size": size, "window": window, "features": features, "task": task, "members": rows}, as_json,
           "\n".join(lines))
 
 
@@ -169,7 +164,7 @@ def registry_list(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
     human = "\n".join(f"{'*' if r['current'] else ' '} {r['version']}  {r['created']}  {r['task']:<9}"
                       f" F={r['features']}  roc_auc={r['roc_auc'] if r['roc_auc'] is None else round(r['roc_auc'], 3)}"
                       f"  parity={r['parity']}" for r in rows) or f"no versions in {registry}"
-    _emit({"current": current, "versions": rows}, as_json, human)
+    emit({"current": current, "versions": rows}, as_json, human)
 
 
 def registry_promote(version: Annotated[str, typer.Argument(help="version to serve, e.g. v0003")],
@@ -184,7 +179,7 @@ def registry_promote(version: Annotated[str, typer.Argument(help="version to ser
         reg.promote(version)
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
-    _emit({"current": version}, as_json, f"{version} is now current")
+    emit({"current": version}, as_json, f"{version} is now current")
 
 
 def registry_rollback(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
@@ -194,7 +189,7 @@ def registry_rollback(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
     reg = Registry(registry)
     before = reg.current_version()
     manifest = reg.rollback()
-    _emit({"current": manifest.version, "previous": before}, as_json,
+    emit({"current": manifest.version, "previous": before}, as_json,
           f"rolled back from {before} to {manifest.version}")
 
 
@@ -221,7 +216,7 @@ def bench_inference(batches: Annotated[str, typer.Option(help="comma-separated b
                   f"{r['windows_per_s']:10.0f} windows/s" for r in rows]
     t = result["training"]
     lines.append(f"training ({t['device']}, batch {t['batch']}): {t['windows_per_s']:.0f} windows/s")
-    _emit(result, as_json, "\n".join(lines))
+    emit(result, as_json, "\n".join(lines))
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

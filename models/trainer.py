@@ -202,7 +202,9 @@ class Trainer:
         deadline, last_rows, last_change = time.monotonic() + max_s, -1, time.monotonic()
         while time.monotonic() < deadline:
             buffered = self.writer.poll_once(0.5)
-            if buffered != last_rows:
+            if not self.writer.assigned():  # joining the group is not idleness
+                last_change = time.monotonic()
+            elif buffered != last_rows:
                 last_rows, last_change = buffered, time.monotonic()
             elif time.monotonic() - last_change > idle_s:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -10,6 +11,7 @@ import typer
 from stream.config import Settings
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
 BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
                                                      "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
 

@@ -16,17 +16,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from export.errors import UsageError
-from stream.cli_options import BootstrapOpt, settings_for
+from stream.cli_options import BootstrapOpt, JsonFlag, RegistryOpt, emit, settings_for
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "hdfs"
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
 TopGOpt = Annotated[Optional[int], typer.Option("--top-g", help="override the manifest's top-g")]
 
-
-def _emit(data: dict, as_json: bool, human: str) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
 
 
 def _summary(result: dict[str, Any]) -> str:
@@ -121,7 +116,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), store in the registry."""
         result = _train(data, registry, h=h, top_g=top_g, choose_g=choose_g, epochs=epochs, seed=seed,
                         backoff=backoff, promote=not no_promote)
-        _emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
+        emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
               f"{result['training']['sessions']} sessions in "
               f"{result['training']['train_seconds']:.1f}s; ONNX parity {result['parity_max_abs']:.1e}; "
               f"{'promoted' if result['promoted'] else 'not promoted'}")
@@ -142,7 +137,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         scorer = LogKeyScorer.from_registry(registry, top_g=top_g)
         result = run(scorer, sessions, labels, uncached_limit=None if uncached_limit < 0 else uncached_limit,
                      progress=True)
-        _emit(result, as_json, _summary(result))
+        emit(result, as_json, _summary(result))
 
     @logs_app.command("serve")
     def serve(registry: RegistryOpt,
@@ -190,7 +185,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         result = _bench(data_dir, registry, epochs, top_g, None if uncached_limit < 0 else uncached_limit, seed,
                         backoff)
         human = "\n\n".join(f"[{name}]\n{_summary(r)}" for name, r in result["evaluations"].items())
-        _emit(result, as_json, f"{human}\n\ntargets: {json.dumps(result['targets'])}")
+        emit(result, as_json, f"{human}\n\ntargets: {json.dumps(result['targets'])}")
 
 
 def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bool = False, epochs: int | None = None,

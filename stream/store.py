@@ -175,6 +175,10 @@ class StoreWriter:
             self.flush()
         return len(self._ts)
 
+    def assigned(self) -> bool:
+        """Whether the consumer group has given this writer partitions yet."""
+        return bool(self.consumer.assignment())
+
     def flush(self) -> None:
         """Write the buffer durably, then commit the consumer's positions."""
         if self._ts:

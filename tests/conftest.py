@@ -58,3 +58,18 @@ def settings(kafka_bootstrap: str, tmp_path: Path):
     suffix = uuid.uuid4().hex[:8]
     topics = TopicNames(**{name: f"{default}.{suffix}" for name, default in TopicNames().model_dump().items()})
     return Settings(bootstrap=kafka_bootstrap, home=tmp_path / "home", topics=topics)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One quick tiny ensemble trained on synthetic fab data, shared by every test that needs a real
+    model (about two minutes on 2 cores). Tests that change its registry must work on a copy."""
+    from export.registry import Registry
+    from models import synth
+    from models.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("models-train")
+    path = root / "fab.parquet"
+    synth.write(synth.generate(entities=6, steps=2500, seed=0, anomaly_rate=0.2), path)
+    result = train(TrainConfig.quick(data=path, registry=root / "registry", fp16=True, val_fraction=0.3))
+    return result, Registry(root / "registry")

@@ -15,22 +15,10 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from export.onnx_export import FORBIDDEN_OPS, op_histogram
-from export.registry import Registry
 from export.runtime import ScoringModel
 from models import data, synth
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory):
-    from models.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("models-train")
-    path = root / "fab.parquet"
-    synth.write(synth.generate(entities=6, steps=2500, seed=0, anomaly_rate=0.2), path)
-    result = train(TrainConfig.quick(data=path, registry=root / "registry", fp16=True, val_fraction=0.3))
-    return result, Registry(root / "registry")
 
 
 def _held_out() -> tuple[np.ndarray, np.ndarray]:
