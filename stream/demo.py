@@ -104,7 +104,7 @@ def _show_alerts(settings: Settings, replay: subprocess.Popen, idle_s: float, ti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".fabwatch/demo"))
-    parser.add_argument("--entities", type=int, default=24)
+    parser.add_argument("--entities", type=int, default=16)
     parser.add_argument("--history-days", type=float, default=2.0, help="synthetic history to train on")
     parser.add_argument("--replay-days", type=float, default=1.0, help="the day replayed at high speed")
     parser.add_argument("--no-trainer", action="store_true", help="do not start the sidecar trainer")

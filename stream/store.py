@@ -105,10 +105,15 @@ class ReadingStore:
 
     def enforce_retention(self, max_age_days: float | None = None, max_bytes: int | None = None,
                           now_ms: int | None = None) -> int:
-        """Delete whole days older than ``max_age_days``, then the oldest files beyond ``max_bytes``."""
-        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        """Delete whole days older than ``max_age_days``, then the oldest files beyond ``max_bytes``.
+
+        Age is measured from the newest day in the store (not the wall clock), so replayed history
+        is kept the same way live data is."""
         removed = 0
         files = self.files()
+        if now_ms is None and files:
+            newest = datetime.strptime(files[-1].parent.name.removeprefix("day="), "%Y-%m-%d")
+            now_ms = int(newest.replace(tzinfo=timezone.utc).timestamp() * 1000) + 86_400_000
         if max_age_days is not None:
             cutoff = datetime.fromtimestamp((now_ms / 1000) - max_age_days * 86_400, timezone.utc).strftime("%Y-%m-%d")
             for p in files:
