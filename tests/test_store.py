@@ -46,7 +46,7 @@ def test_retention_by_age_then_size(tmp_path):
     assert store.enforce_retention(max_age_days=2, now_ms=T0 + 4 * DAY) == 1
     assert [p.parent.name for p in store.files()][0] == "day=2026-09-23"
     # without a clock, age counts from the newest day held: replayed history is not wiped
-    assert store.enforce_retention(max_age_days=1) == 1
+    assert store.enforce_retention(max_age_days=1.5) == 1
     assert [p.parent.name for p in store.files()] == ["day=2026-09-24", "day=2026-09-25"]
     one = store.files()[0].stat().st_size
     store.enforce_retention(max_bytes=one + 1)
