@@ -13,6 +13,7 @@ import orjson
 from confluent_kafka import Consumer, Producer
 
 from stream.config import Settings
+from stream.outputs import produce_waiting
 from stream.topics import ensure_topics
 
 
@@ -54,12 +55,7 @@ def kafka_baseline(settings: Settings, messages: int = 200_000) -> dict:
                                                   "batch.num.messages": 10000, "compression.type": "lz4"}))
     start = time.perf_counter()
     for key, value in payload:
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, key)
         producer.poll(0)
     producer.flush(60)
     produce_s = time.perf_counter() - start

@@ -24,6 +24,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from export.registry import Registry
 from stream.config import Settings, TopicNames
+from stream.outputs import produce_waiting
 from stream.processor import Processor, ProcessorConfig
 from stream.tiny_models import add_version, feature_names
 from stream.topics import ensure_topics
@@ -64,12 +65,7 @@ def _produce(settings: Settings, topic: str, raws: list[bytes]) -> None:
     p = Producer(settings.client_config(**{"linger.ms": 20, "batch.num.messages": 10_000, "compression.type": "lz4"}))
     for raw in raws:
         key = raw[11:17]  # b'E00042' (the entity; readings keyed by entity)
-        while True:
-            try:
-                p.produce(topic, raw, key)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, raw, key)
     p.flush(60)
 
 

@@ -10,6 +10,16 @@ from confluent_kafka import KafkaError, Message, Producer
 from stream.schemas import DeadLetter, RejectReason, SourceOffset
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes, key: bytes | None = None, **kwargs) -> None:
+    """Produce, and when the local queue is full wait for deliveries to drain instead of failing."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 class DeliveryFailed(RuntimeError):
     """An output could not be delivered: do not commit, exit non-zero, let the restart redo the batch."""
 

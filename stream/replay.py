@@ -20,6 +20,7 @@ from tqdm import tqdm
 from export.errors import UsageError
 from stream.config import Settings
 from stream.files import ColumnMap, Records, read_table, to_records
+from stream.outputs import produce_waiting
 from stream.topics import ensure_topics
 
 
@@ -148,12 +149,7 @@ def replay(messages: Messages, settings: Settings, topic: str, speed: float | No
                     if wait > 0:
                         producer.poll(0)
                         time.sleep(wait)
-                while True:
-                    try:
-                        producer.produce(topic, values[i], keys[i], on_delivery=on_delivery)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                produce_waiting(producer, topic, values[i], keys[i], on_delivery=on_delivery)
                 producer.poll(0)
                 sent += 1
                 if sent % chunk == 0:
