@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entities", type=int, default=16)
     parser.add_argument("--history-days", type=float, default=2.0, help="synthetic history to train on")
     parser.add_argument("--replay-days", type=float, default=1.0, help="the day replayed at high speed")
+    parser.add_argument("--anomaly-rate", type=float, default=0.05, help="fraction of readings inside injected events")
     parser.add_argument("--no-trainer", action="store_true", help="do not start the sidecar trainer")
     args = parser.parse_args(argv)
 
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         recording = workdir / "recording.parquet"
         history_steps, replay_steps = int(args.history_days * 1440), int(args.replay_days * 1440)
         _fabwatch(["synth", "--out", str(recording), "--entities", str(args.entities),
-                   "--steps", str(history_steps + replay_steps), "--seed", "1"], env)
+                   "--steps", str(history_steps + replay_steps), "--seed", "1", "--anomaly-rate",
+                   str(args.anomaly_rate)], env)
         _split_by_time(recording, history, live_day, replay_steps)
         console.print(f"history to train on: {history.name}; the last {args.replay_days:g} day(s) to replay: "
                       f"{live_day.name}")
