@@ -221,7 +221,7 @@ def trainer_cmd(
 
     from models.trainer import Trainer, TrainerOptions, parse_every, serve_metrics
 
-    if sum(x is not None and x is not False for x in (every, daily, once or None)) != 1:
+    if sum((every is not None, daily is not None, once)) != 1:
         raise UsageError("choose one schedule: --every DURATION, --daily HH:MM or --once")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = TrainerOptions(registry=registry, store=store, recent_days=recent_days, older_sample=older_sample,
