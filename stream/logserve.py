@@ -28,7 +28,6 @@ sessions are dropped, without alerts): a session cut by one is scored afresh fro
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 import time
@@ -42,6 +41,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from export.errors import UsageError
 from stream.config import Settings
+from stream.lifecycle import StopOnSignal
 from stream.logscore import UNK, LogKeyScorer, next_key_ranks
 from stream.outputs import DeliveryTracker, dead_letter
 from stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
@@ -185,7 +185,7 @@ class LogSessions:
         self.windows.drop(names)
 
 
-class LogServer:
+class LogServer(StopOnSignal):
     """The consumer loop around ``LogSessions``."""
 
     def __init__(self, settings: Settings, config: LogServeConfig):
@@ -204,14 +204,6 @@ class LogServer:
                                   "auto.offset.reset": "earliest", "client.id": f"fabwatch-logs-{config.instance_id}"})
         self.producer = Producer({**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                                   "client.id": f"fabwatch-logs-{config.instance_id}"})
-
-    def stop(self, *_: object) -> None:
-        """Signal handler: finish the poll in hand, deliver, commit, leave."""
-        self._stop.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
         cfg, topics = self.config, self.topics

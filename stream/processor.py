@@ -22,7 +22,6 @@ Hot reload
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import threading
 import time
@@ -40,6 +39,7 @@ from export.runtime import ScoringModel
 from stream.config import Settings
 from stream.decode import BatchDecoder, DecodedColumns
 from stream.engine import EngineResult, ScoringEngine
+from stream.lifecycle import StopOnSignal
 from stream.metrics import MetricsServer, ProcessorMetrics
 from stream.policy import PolicyConfig
 from stream.outputs import DeliveryTracker, dead_letter
@@ -73,7 +73,7 @@ class ProcessorConfig:
     providers: Sequence[str] | None = None
 
 
-class Processor:
+class Processor(StopOnSignal):
     def __init__(self, settings: Settings, config: ProcessorConfig):
         self.settings, self.config = settings, config
         self.topics = settings.topics
@@ -112,14 +112,6 @@ class Processor:
     # ---- lifecycle --------------------------------------------------------------------------
     def ready(self) -> bool:
         return self._assigned_once and not self._stop.is_set()
-
-    def stop(self, *_: object) -> None:
-        """Signal handler: finish the batch in hand, produce, commit, then leave the loop."""
-        self._stop.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> None:
         cfg = self.config

@@ -22,6 +22,7 @@ from export.runtime import ScoringModel
 from models import synth
 from models.trainer import Trainer, TrainerLock, TrainerOptions
 from stream.config import Settings
+from stream.store import ReadingStore
 from stream.topics import ensure_topics
 from stream_helpers import produce, read_all, serve_env, start_serve, stop, wait_for
 
@@ -143,6 +144,45 @@ def test_sigkill_during_training_leaves_the_registry_serving(settings: Settings,
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads(rerun.stdout)["decision"] == "promoted", rerun.stdout
     assert reg.current_version() == reg.versions()[-1] != serving_version
+    ScoringModel.from_registry(registry)
+
+
+def test_sigkill_during_promotion_leaves_the_registry_consistent(settings: Settings, serving: Path, tmp_path: Path):
+    """Killed after the candidate's commit, then after the switch of ``current``: each time every visible
+    version verifies, ``current`` loads, the store reads back whole; a final run promotes normally."""
+    registry = _copy(serving, tmp_path)
+    reg, store = Registry(registry), tmp_path / "store"
+    ensure_topics(settings, [settings.topics.sensors])
+    readings = _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=8))
+    produce(settings, settings.topics.sensors, readings)
+    args = ["trainer", "--registry", str(registry), "--store", str(store), "--once", "--quick", "--epochs", "1",
+            "--margin", "1.0", "--json"]
+    helper = Path(__file__).with_name("kill_at_promotion.py")
+    env = serve_env(settings) | {"PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def killed_at(point: str) -> None:
+        run = subprocess.run([sys.executable, str(helper), point, *args], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == -signal.SIGKILL, (point, run.returncode, run.stderr[-2000:])
+        for version in reg.versions():
+            reg.verify(version)                        # no half-written version is visible
+        ScoringModel.from_registry(registry)           # current verifies and loads
+        assert ReadingStore(store, synth.FEATURES).load().num_rows == len(readings)  # store readable, no duplicates
+        assert (registry / ".trainer.lock").exists()   # left behind; the next run finds it stale
+
+    before, count = reg.current_version(), len(reg.versions())
+    killed_at("commit")
+    assert reg.current_version() == before and len(reg.versions()) == count + 1  # committed, never promoted
+    killed_at("switch")
+    switched = reg.current_version()
+    assert switched == reg.versions()[-1] != before                       # the switch itself is whole
+
+    rerun = subprocess.run([sys.executable, "-m", "stream.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["decision"] == "promoted", rerun.stdout
+    assert reg.current_version() == reg.versions()[-1] != switched
+    assert [r["previous"] for r in reg.promotion_history()][-1] == switched
     ScoringModel.from_registry(registry)
 
 
