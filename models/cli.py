@@ -193,29 +193,99 @@ def registry_rollback(registry: RegistryOpt, as_json: JsonFlag = False) -> None:
           f"rolled back from {before} to {manifest.version}")
 
 
-def bench_inference(batches: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,32,256,1024",
+def bench_inference(batches: Annotated[Optional[str], typer.Option(
+                        help="comma-separated batch sizes for windows/s (default 256,1024,8192 on a GPU, 32,256 on "
+                             "the CPU); batch-1 latency is always measured")] = None,
                     providers: Annotated[Optional[str], typer.Option(help="comma-separated onnxruntime providers "
                                                                           "(default: every available one)")] = None,
                     budget_s: Annotated[float, typer.Option(help="seconds of timed runs per batch size")] = 3.0,
-                    train_steps: Annotated[int, typer.Option(help="training batches timed")] = 4,
+                    train_steps: Annotated[int, typer.Option(help="training batches timed when the models are "
+                                                                  "built in this run (0: skip)")] = 4,
+                    size: Annotated[str, typer.Option(help="ensemble size: full | small | tiny")] = "full",
+                    models: Annotated[Optional[Path], typer.Option(
+                        "--models", help="keep the exported models here and reuse them next time (a GPU machine "
+                                         "then needs no TensorFlow)")] = None,
                     as_json: JsonFlag = False) -> None:
-    """ONNX latency p50/p99 and windows/s of the full-size ensemble per provider; training windows/s."""
+    """The ensemble through the serving fast path per provider, fp32 and fp16: batch-1 latency p50/p99 and
+    windows/s; the PyTorch reference as ratios when torch is installed; training windows/s."""
     from models.bench import inference
 
+    _choice(size, SIZES, "--size")
     try:
-        sizes = [int(b) for b in batches.split(",")]
+        sizes = [int(b) for b in batches.split(",")] if batches else None
     except ValueError:
         raise UsageError(f"--batches must be comma-separated integers, got {batches!r}") from None
     result = inference(sizes, [p.strip() for p in providers.split(",")] if providers else None, budget_s,
-                       train_steps=train_steps)
-    m = result["machine"]
-    lines = [f"{m['command']}", f"{m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}; "
-             f"full ensemble {result['model']['parameters']:,} parameters"]
-    for provider, rows in result["providers"].items():
-        lines += [f"{provider:<26} batch {r['batch']:>5}: p50 {r['p50_ms']:9.2f} ms  p99 {r['p99_ms']:9.2f} ms  "
-                  f"{r['windows_per_s']:10.0f} windows/s" for r in rows]
-    t = result["training"]
-    lines.append(f"training ({t['device']}, batch {t['batch']}): {t['windows_per_s']:.0f} windows/s")
+                       train_steps=train_steps, size=size, models_dir=models)
+    m, model = result["machine"], result["model"]
+    lines = [f"{m['command']}", f"{m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}; {model['size']} "
+             f"ensemble {model['parameters']['total']:,} parameters, fp16 parity {model['fp16_parity']:.1e}"]
+    for provider, per_variant in result["providers"].items():
+        for variant, f in per_variant.items():
+            b1 = f["batch1"]
+            lines.append(f"{provider:<26} {variant}  batch 1: p50 {b1['p50_ms']:8.2f} ms  p99 {b1['p99_ms']:8.2f} ms"
+                         + "".join(f"; batch {r['batch']}: {r['windows_per_s']:,.0f} windows/s" for r in f["throughput"]))
+        fast = per_variant["fp32"]["fast_path"]
+        on_cpu = sum(fast["placement"]["ops"].get("CPUExecutionProvider", {}).values()) if fast["placement"] else None
+        lines.append(f"{'':<26} {fast['summary']}"
+                     + ("" if on_cpu is None else f"; placement checked, {on_cpu} shape nodes on the CPU"))
+    ref = result["reference"]
+    if "skipped" in ref:
+        lines.append(ref["skipped"])
+    else:
+        lines.append(f"PyTorch {ref['torch']} reference on {ref['device']}, {ref['parameters']:,} parameters")
+        for variant, f in ref["variants"].items():
+            lines.append(f"  {variant}: {f['skipped']}" if "skipped" in f else
+                         f"  {variant}  batch 1: p50 {f['batch1']['p50_ms']:8.2f} ms"
+                         + "".join(f"; batch {r['batch']}: {r['windows_per_s']:,.0f} windows/s" for r in f["throughput"]))
+    for variant, r in {k: v for k, v in result.get("ratios", {}).items() if k != "onnx_provider"}.items():
+        lines.append(f"ONNX ({result['ratios']['onnx_provider']}) / PyTorch, {variant}: batch-1 p50 "
+                     f"{r['batch1_p50_ms']:.2f}x, windows/s " + ", ".join(f"{b}: {x:.2f}x" for b, x in r["windows_per_s"].items()))
+    verdict = {True: "yes", False: "NO", None: "n/a"}
+    for provider, per_variant in result["targets"].items():
+        lines += [f"targets on {provider} {variant}: batch-1 p50 <= 2 ms {verdict[t['batch1_p50_ms']]}, >= 300,000 "
+                  f"windows/s {verdict[t['windows_per_s']]}, faster than PyTorch {verdict[t['faster_than_torch']]}"
+                  for variant, t in per_variant.items()]
+    if "training" in result:
+        t = result["training"]
+        lines.append(f"training ({t['device']}, batch {t['batch']}): {t['windows_per_s']:.0f} windows/s")
+    emit(result, as_json, "\n".join(lines))
+
+
+def bench_retrain(windows: Annotated[str, typer.Option(help="comma-separated training-window counts")] = "10000,100000",
+                  epochs: Annotated[int, typer.Option(min=1, help="epochs per stage in the projection")] = 1,
+                  sample: Annotated[int, typer.Option(min=256, help="windows timed per rate")] = 2048,
+                  end_to_end: Annotated[int, typer.Option(help="run a real retrain on this many windows "
+                                                               "(0: skip)")] = 10_000,
+                  as_json: JsonFlag = False) -> None:
+    """Retrain time against data size: measured rates, projections to 781k and 1.5M windows against the
+    2-hour requirement, and a real retrain to check the projection."""
+    from models.bench_retrain import retrain
+
+    try:
+        sizes = [int(n) for n in windows.split(",")]
+    except ValueError:
+        raise UsageError(f"--windows must be comma-separated integers, got {windows!r}") from None
+    if min(sizes) < 1_000:
+        raise UsageError("--windows: each size needs at least 1000 windows")
+    result = retrain(sizes, sample=sample, end_to_end_windows=end_to_end, epochs=epochs)
+    m, r = result["machine"], result["rates"]
+    lines = [m["command"], f"{m['cpu']}, {m['cores']} cores, load {m['load_avg_1m']:.1f}; "
+             f"full ensemble {r['parameters']:,} parameters, {epochs} epoch(s) per stage",
+             "training windows/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["train_windows_per_s"].items()),
+             f"members' forward {r['members_forward_windows_per_s']:.0f} windows/s, ONNX scoring "
+             f"{r['onnx_windows_per_s']:.0f} windows/s, export {r['export_s']:.0f} s"]
+    rows = [(f"{s['train_windows']:,} (measured prep)", s) for s in result["sizes"]]
+    rows += [(f"{d['train_windows']:,} ({label})", d) for label, d in result["design"].items()]
+    lines += [f"{name:<26} prep {p['prep_s']:8.0f} s  train {p['train_s']:8.0f} s  forward {p['forward_s']:7.0f} s"
+              f"  onnx {p['onnx_s']:6.0f} s  total {p['total_s'] / 3600:6.2f} h"
+              f"{'' if p['total_s'] <= result['requirement_s'] else '  > 2 h'}" for name, p in rows]
+    lines.append(f"training windows a retrain of {epochs} epoch(s) can take within 2 h: "
+                 f"{result['windows_within_requirement']:,}")
+    if "end_to_end" in result:
+        e = result["end_to_end"]
+        lines.append(f"real retrain of {e['train_windows']:,} windows: {e['measured_s']:.0f} s measured, "
+                     f"{e['projected_s']:.0f} s projected ({e['decision']})")
     emit(result, as_json, "\n".join(lines))
 
 
@@ -233,3 +303,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     registry_app.command("rollback")(registry_rollback)
     app.add_typer(registry_app, name="registry")
     bench_app.command("inference")(bench_inference)
+    bench_app.command("retrain")(bench_retrain)

@@ -6,19 +6,11 @@ so tf2onnx sees plain TF ops.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from models.data import Task
+from models.sizes import Size, units  # noqa: F401  (re-exported: the members import them from here)
 from models.tf import keras, tf
 
-Size = Literal["full", "small", "tiny"]
-SIZES: dict[str, float] = {"full": 1.0, "small": 0.25, "tiny": 0.125}
 serializable = keras.saving.register_keras_serializable(package="fabwatch")
-
-
-def units(n: int, size: Size) -> int:
-    """``n`` (the full-size width) scaled to ``size``, never below 4."""
-    return max(4, int(round(n * SIZES[size])))
 
 
 def task_head(x: tf.Tensor, task: Task, n_features: int, target_mean: float = 0.0,

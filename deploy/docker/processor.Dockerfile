@@ -1,6 +1,6 @@
-# fabwatch stream processor on a GPU: CUDA 12 + cuDNN 9 runtime, onnxruntime-gpu, no TensorFlow.
+# fabwatch stream processor on a GPU: CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu, no TensorFlow.
 # Build from the repository root:  docker build -f deploy/docker/processor.Dockerfile -t fabwatch/processor .
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -20,10 +20,11 @@ COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY models ./models
 COPY export ./export
-# The serving install, with the CUDA build of onnxruntime in place of the CPU one.
+# The serving install, with the CUDA build of onnxruntime in place of the CPU one. PyPI's onnxruntime-gpu
+# 1.31 is built for CUDA 13: pinned, so that it matches the base image.
 RUN pip install . \
  && pip uninstall -y onnxruntime \
- && pip install "onnxruntime-gpu>=1.20"
+ && pip install "onnxruntime-gpu==1.31.1"
 
 RUN useradd --uid 10001 --no-create-home fabwatch
 USER 10001
