@@ -93,7 +93,7 @@ def _strategy() -> tuple[tf.distribute.Strategy, bool]:
     return (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()), bool(gpus)
 
 
-def _dataset(inputs: np.ndarray | tuple[np.ndarray, ...], target: np.ndarray | None, batch: int, seed: int,
+def dataset(inputs: np.ndarray | tuple[np.ndarray, ...], target: np.ndarray | None, batch: int, seed: int,
              shuffle: bool, forecast_member: bool = False) -> tf.data.Dataset:
     """tf.data over windows (for the gate: windows and the frozen members' outputs).
 
@@ -120,6 +120,12 @@ def _loss(task: Task, target_std: float, gate: bool) -> keras.losses.Loss:
     return prediction_loss if gate else keras.losses.MeanSquaredError()
 
 
+def compile_stage(model: keras.Model, task: Task, learning_rate: float, loss: keras.losses.Loss) -> None:
+    """Adam, and validation ROC-AUC for classification (what early stopping watches there)."""
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss,
+                  metrics=[keras.metrics.AUC(name="auc")] if task == "classify" else None)
+
+
 def _fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset, cfg: TrainConfig,
          loss: keras.losses.Loss, deadline: float) -> dict[str, float]:
     """One stage: Adam, early stopping (best weights kept), Keras' progress bar.
@@ -128,8 +134,7 @@ def _fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
     balance differs from validation's and the validation loss mostly measures that shift.
     """
     by_auc = cfg.task == "classify"
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss,
-                  metrics=[keras.metrics.AUC(name="auc")] if by_auc else None)
+    compile_stage(model, cfg.task, cfg.learning_rate, loss)
     stop = keras.callbacks.EarlyStopping(monitor="val_auc" if by_auc else "val_loss", mode="max" if by_auc else "min",
                                          patience=cfg.patience, restore_best_weights=True)
     callbacks = [stop, Deadline(deadline)]
@@ -144,7 +149,7 @@ def _fit(model: keras.Model, train_ds: tf.data.Dataset, val_ds: tf.data.Dataset,
     return {"epochs": len(history.history["loss"]), "seconds": time.perf_counter() - start, **best}
 
 
-def _member_outputs(members: list[keras.Model], x: np.ndarray, forecast: bool) -> np.ndarray:
+def member_outputs(members: list[keras.Model], x: np.ndarray, forecast: bool) -> np.ndarray:
     """The frozen members' outputs stacked: [N,M] or, for forecasts, [N,M,F]."""
     context = x[:, :-1] if forecast else x
     outs = [m.predict(context, batch_size=1024, verbose=0) for m in members]
@@ -172,16 +177,16 @@ def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float
         if cfg.warm_start:
             _warm_start(model, Registry(cfg.registry), split.feature_names, cfg)
         members, gate = ensemble.members_of(model)
-        member_train = _dataset(split.train.x, y_train, batch, cfg.seed, True, forecast_member=forecast)
-        member_val = _dataset(val_x, val_y, batch, cfg.seed, False, forecast_member=forecast)
+        member_train = dataset(split.train.x, y_train, batch, cfg.seed, True, forecast_member=forecast)
+        member_val = dataset(val_x, val_y, batch, cfg.seed, False, forecast_member=forecast)
         for member in members:
             report[member.name] = _fit(member, member_train, member_val, cfg, _loss(cfg.task, target[1], False),
                                        deadline)
         trainer = ensemble.gate_trainer(gate, cfg.window, n_features, len(members), cfg.task)
         report["gate"] = _fit(
-            trainer, _dataset((split.train.x, _member_outputs(members, split.train.x, forecast)), y_train, batch,
+            trainer, dataset((split.train.x, member_outputs(members, split.train.x, forecast)), y_train, batch,
                               cfg.seed, True),
-            _dataset((val_x, _member_outputs(members, val_x, forecast)), val_y, batch, cfg.seed, False),
+            dataset((val_x, member_outputs(members, val_x, forecast)), val_y, batch, cfg.seed, False),
             cfg, _loss(cfg.task, target[1], True), deadline)
     if mixed:  # export and the Keras file carry no mixed-precision casts
         keras.mixed_precision.set_global_policy("float32")
