@@ -111,11 +111,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               seed: Annotated[int, typer.Option("--seed")] = 0,
               backoff: Annotated[float, typer.Option("--backoff", help="weight of the last-key next-key "
                                                      "distribution blended into the targets (0: none)")] = 0.1,
+              count_power: Annotated[Optional[float], typer.Option("--count-power", help="distinct training windows "
+                                                                   "weigh count ** this (default: the model's)")] = None,
               no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
               as_json: JsonFlag = False) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), store in the registry."""
         result = _train(data, registry, h=h, top_g=top_g, choose_g=choose_g, epochs=epochs, seed=seed,
-                        backoff=backoff, promote=not no_promote)
+                        backoff=backoff, count_power=count_power, promote=not no_promote)
         emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
               f"{result['training']['sessions']} sessions in "
               f"{result['training']['train_seconds']:.1f}s; ONNX parity {result['parity_max_abs']:.1e}; "
@@ -179,17 +181,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                    seed: Annotated[int, typer.Option("--seed", help="training seed (results vary with it: "
                                                      "see the top-g sweep)")] = 0,
                    backoff: Annotated[float, typer.Option("--backoff", help="see `logs train --help`")] = 0.1,
+                   count_power: Annotated[Optional[float], typer.Option("--count-power",
+                                                                        help="see `logs train --help`")] = None,
                    as_json: JsonFlag = False) -> None:
         """Train on hdfs_train; evaluate on hdfs_test_abnormal + the normal sessions of the labelled CSV, and
         on the labelled CSV as a whole; compare with the paper and this issue's targets."""
         result = _bench(data_dir, registry, epochs, top_g, None if uncached_limit < 0 else uncached_limit, seed,
-                        backoff)
+                        backoff, count_power)
         human = "\n\n".join(f"[{name}]\n{_summary(r)}" for name, r in result["evaluations"].items())
         emit(result, as_json, f"{human}\n\ntargets: {json.dumps(result['targets'])}")
 
 
 def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bool = False, epochs: int | None = None,
-           seed: int = 0, backoff: float = 0.1, promote: bool = True) -> dict[str, Any]:
+           seed: int = 0, backoff: float = 0.1, count_power: float | None = None,
+           promote: bool = True) -> dict[str, Any]:
     """Read normal sessions, train, export and commit; the figures for the CLI and the benchmark."""
     from dataclasses import asdict
 
@@ -205,6 +210,10 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
     if not 0.0 <= backoff < 1.0:
         raise UsageError(f"--backoff must be in [0, 1), got {backoff}")
     config = DeepLogConfig(h=h, top_g=top_g, seed=seed, backoff=backoff)
+    if count_power is not None:
+        if count_power < 0:
+            raise UsageError(f"--count-power must be >= 0, got {count_power}")
+        config.count_power = count_power
     if epochs is not None:
         config.epochs = epochs
     choice = None
@@ -222,7 +231,8 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
 
 
 def _bench(data_dir: Path, registry: Path | None, epochs: int | None, top_g: int | None,
-           uncached_limit: int | None, seed: int, backoff: float) -> dict[str, Any]:
+           uncached_limit: int | None, seed: int, backoff: float,
+           count_power: float | None = None) -> dict[str, Any]:
     import tempfile
 
     from stream.logscore import LogKeyScorer, evaluate as run, read_sessions
@@ -234,7 +244,7 @@ def _bench(data_dir: Path, registry: Path | None, epochs: int | None, top_g: int
     with tempfile.TemporaryDirectory(prefix="fabwatch-bench-logs-") as tmp:
         root = registry or Path(tmp) / "registry"
         trained = _train(files["hdfs_train"], root, top_g=top_g or 9, choose_g=top_g is None, epochs=epochs,
-                         seed=seed, backoff=backoff)
+                         seed=seed, backoff=backoff, count_power=count_power)
         scorer = LogKeyScorer.from_registry(root, trained["version"])
         abnormal, _ = read_sessions(files["hdfs_test_abnormal"])
         labelled, labels = read_sessions(files["labeled_sessions_dev.csv"])
