@@ -105,3 +105,19 @@ def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Pa
     out = model.predict(x)
     assert out.feature_error.shape == (2, 12) and int(np.argmax(out.feature_error[1])) == 3
     assert out.score[1] > out.score[0]
+
+
+def test_time_budget_stops_a_stage_mid_epoch() -> None:
+    """A budget that has run out ends training after the batch in hand, not at the end of the epoch."""
+    import time
+
+    from models.tf import keras, tf
+    from models.train import Deadline
+
+    batches: list[int] = []
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((80, 4), np.float32), np.zeros(80, np.float32))).batch(8)
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(batch))
+    model.fit(ds, epochs=3, verbose=0, callbacks=[counter, Deadline(time.monotonic() - 1.0)])
+    assert batches == [0]  # 1 of 10 batches in the first of 3 epochs
