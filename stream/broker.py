@@ -82,6 +82,15 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def cluster_id() -> str:
+    """A random KRaft cluster id (base64url of 16 bytes) that does not start with '-': the storage tool would
+    read one that does (1 draw in 64) as an option."""
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
+
+
 class LocalBroker:
     """Start, inspect and stop the local broker whose state lives under ``home``."""
 
@@ -160,8 +169,7 @@ class LocalBroker:
             f"-Dfabwatch.log.file={log_file}",
             "-cp", f"{libs}/*",
         ]
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+        fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id(), "-c", str(config)],
                              capture_output=True, text=True)
         if fmt.returncode != 0:
             raise RuntimeError(f"formatting Kafka storage failed: {(fmt.stdout + fmt.stderr).strip()[-500:]}")

@@ -112,3 +112,12 @@ def test_missing_java_is_a_one_line_usage_error(tmp_path: Path):
                           env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fabwatch: Java not found")
+
+
+def test_cluster_ids_never_start_with_a_dash():
+    """The storage tool reads an id starting with '-' as an option; base64url draws one in 64 of those."""
+    from stream.broker import cluster_id
+
+    ids = [cluster_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
