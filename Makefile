@@ -19,7 +19,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m stream.demo
+	$(BIN)/python -m fabwatch.stream.cli.demo
 
 clean:
 	-$(BIN)/fabwatch broker down

@@ -1,2 +1,2 @@
 """The boundary between training and serving: ONNX export and parity, the model registry, and the
-onnxruntime session factory. Only ``export.onnx_export`` imports TensorFlow (lazily)."""
+onnxruntime session factory. Only ``fabwatch.export.onnx_export`` imports TensorFlow (lazily)."""

@@ -1,6 +1,6 @@
 """TF (tf_keras) -> ONNX with tf2onnx, checked for fused recurrent ops and parity against TensorFlow.
 
-Training side only: imports TensorFlow through ``models.tf``.
+Training side only: imports TensorFlow through ``fabwatch.models.tf``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def keras_to_onnx(model, out_path: Path, input_name: str = "window", output_name
     import onnxruntime as ort
     import tf2onnx
 
-    from models.tf import tf
+    from fabwatch.models.tf import tf
 
     shape = tuple(model.inputs[0].shape[1:])
     dtype = tf.as_dtype(model.inputs[0].dtype)

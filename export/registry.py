@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from export.errors import UsageError
+from fabwatch.export.errors import UsageError
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 Task = Literal["classify", "regress", "forecast", "logkeys"]

@@ -1,6 +1,6 @@
 """onnxruntime sessions for serving: provider fallback TensorRT -> CUDA -> CPU, and the scoring model that applies
 the manifest's scaler with numpy and returns the registry contract's outputs. On a GPU the scoring model runs
-through the fast path of ``export.fastpath`` (IO binding, batch buckets, CUDA graphs, fp16 where parity holds)."""
+through the fast path of ``fabwatch.export.fastpath`` (IO binding, batch buckets, CUDA graphs, fp16 where parity holds)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from export.fastpath import (
+from fabwatch.export.fastpath import (
     CUDA_LOCK,
     DEFAULT_BUCKETS,
     GPU_PROVIDERS,
     BoundRunner,
     profile_placement,
 )
-from export.registry import Manifest, Registry
+from fabwatch.export.registry import Manifest, Registry
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def create_session(model_path: Path | str, providers: Sequence[str] | None = Non
     """An InferenceSession on the best available provider; logs which one it got.
 
     ``cuda_graphs`` turns on the CUDA provider's graph capture (runs must then use IO binding, see
-    ``export.fastpath``); ``profile`` records the first runs for ``profile_placement``; ``max_batch`` gives
+    ``fabwatch.export.fastpath``); ``profile`` records the first runs for ``profile_placement``; ``max_batch`` gives
     TensorRT one shape profile up to that batch size.
     """
     chosen = choose_providers(providers)

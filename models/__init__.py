@@ -1,2 +1,2 @@
-"""fabwatch training side (TensorFlow / tf_keras). Import ``models.tf`` for TensorFlow itself, so the
+"""fabwatch training side (TensorFlow / tf_keras). Import ``fabwatch.models.tf`` for TensorFlow itself, so the
 legacy-Keras switch is always set before TensorFlow loads."""

@@ -6,9 +6,9 @@ so tf2onnx sees plain TF ops.
 
 from __future__ import annotations
 
-from models.data import Task
-from models.sizes import Size, units  # noqa: F401  (re-exported: the members import them from here)
-from models.tf import keras, tf
+from fabwatch.models.training.data import Task
+from fabwatch.models.sizes import Size, units  # noqa: F401  (re-exported: the members import them from here)
+from fabwatch.models.tf import keras, tf
 
 serializable = keras.saving.register_keras_serializable(package="fabwatch")
 

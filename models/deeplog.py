@@ -1,7 +1,7 @@
 """DeepLog (Du et al., CCS 2017): an LSTM that predicts the next log key from the previous h keys.
 
 Architecture: key embedding -> 2 stacked LSTMs (64 units) -> softmax over the vocabulary (PAD, UNK
-and the keys seen in training). Windows come from ``stream.logscore.build_windows`` so training and
+and the keys seen in training). Windows come from ``fabwatch.stream.logs.score.build_windows`` so training and
 serving frame sessions identically (leading padding, see that module).
 
 Training is on distinct windows: HDFS's ~100k training windows are ~4k distinct ones, so each
@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stream.logscore import SPECIALS, Vocabulary, build_windows, next_key_ranks, session_max_rank, window_codes
+from fabwatch.stream.logs.score import SPECIALS, Vocabulary, build_windows, next_key_ranks, session_max_rank, window_codes
 
 
 @dataclass
@@ -104,7 +104,7 @@ def training_set(sessions: Sequence[Sequence[str]], vocab: Vocabulary, h: int, b
 
 def build_model(vocab_size: int, config: DeepLogConfig):
     """Integer keys ``[B, h]`` -> next-key probabilities ``[B, V]`` (tf_keras, fused-LSTM friendly)."""
-    from models.tf import keras
+    from fabwatch.models.tf import keras
 
     keys = keras.Input(shape=(config.h,), dtype="int32", name="keys")
     x = keras.layers.Embedding(vocab_size, config.embedding, name="embed")(keys)
@@ -116,7 +116,7 @@ def build_model(vocab_size: int, config: DeepLogConfig):
 
 def train(sessions: Sequence[Sequence[str]], config: DeepLogConfig, verbose: int = 0) -> tuple[Any, Vocabulary, dict]:
     """Fit DeepLog on normal sessions; returns the Keras model, the vocabulary and training figures."""
-    from models.tf import keras, tf
+    from fabwatch.models.tf import keras, tf
 
     if not sessions:
         raise ValueError("no training sessions")
@@ -174,8 +174,8 @@ def export_to_registry(model: Any, vocab: Vocabulary, config: DeepLogConfig, reg
                        figures: dict, data_fingerprint: str = "", promote: bool = True) -> str:
     """ONNX export (fused LSTM, parity-checked on random windows over the whole vocabulary) into a new
     registry version; promoted unless ``promote`` is False."""
-    from export.onnx_export import keras_to_onnx
-    from export.registry import Manifest, Registry
+    from fabwatch.export.onnx_export import keras_to_onnx
+    from fabwatch.export.registry import Manifest, Registry
 
     reg = Registry(registry)
     staging = reg.stage()

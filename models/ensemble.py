@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from models import cnn_lstm, residual_gru, rules, spike, stacked_lstm
-from models.common import (
+from fabwatch.models.members import cnn_lstm, residual_gru, rules, spike, stacked_lstm
+from fabwatch.models.common import (
     DropLastStep,
     ForecastCombine,
     LastStep,
@@ -22,7 +22,7 @@ from models.common import (
     task_head,
     units,
 )
-from models.tf import keras, tf
+from fabwatch.models.tf import keras, tf
 
 MEMBERS: dict[str, ModuleType] = {m.NAME: m for m in (stacked_lstm, residual_gru, cnn_lstm, spike, rules)}
 DESIGN_PARAMS = 1_670_000

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import orjson
 
-from stream.schemas import ReadingDecoder, Rejected, RejectReason
+from fabwatch.stream.schemas import ReadingDecoder, Rejected, RejectReason
 
 _NUMBER = {int, float}
 _FAST_KEYS = {"entity", "ts", "values"}

@@ -12,10 +12,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from export.runtime import ScoringModel
-from stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
-from stream.schemas import Alert
-from stream.windows import WindowStore
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
+from fabwatch.stream.schemas import Alert
+from fabwatch.stream.windows import WindowStore
 
 
 @dataclass

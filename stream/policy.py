@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from export.registry import Manifest
-from export.runtime import ModelOutput
-from stream.schemas import Alert, FeatureContribution, SourceOffset, alert_id_for
+from fabwatch.export.registry import Manifest
+from fabwatch.export.runtime import ModelOutput
+from fabwatch.stream.schemas import Alert, FeatureContribution, SourceOffset, alert_id_for
 
 
 @dataclass

@@ -34,18 +34,18 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, \
     TopicPartition
 
-from export.registry import Registry
-from export.runtime import ScoringModel
-from stream.config import Settings
-from stream.decode import BatchDecoder, DecodedColumns
-from stream.engine import EngineResult, ScoringEngine
-from stream.lifecycle import StopOnSignal
-from stream.metrics import MetricsServer, ProcessorMetrics
-from stream.policy import PolicyConfig
-from stream.outputs import DeliveryTracker, dead_letter
-from stream.schemas import ModelEvent, RejectReason
-from stream.topics import ensure_topics
-from stream.windows import DUPLICATE, LATE
+from fabwatch.export.registry import Registry
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.decode import BatchDecoder, DecodedColumns
+from fabwatch.stream.engine import EngineResult, ScoringEngine
+from fabwatch.stream.kafka.lifecycle import StopOnSignal
+from fabwatch.stream.metrics import MetricsServer, ProcessorMetrics
+from fabwatch.stream.policy import PolicyConfig
+from fabwatch.stream.kafka.outputs import DeliveryTracker, dead_letter
+from fabwatch.stream.schemas import ModelEvent, RejectReason
+from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.windows import DUPLICATE, LATE
 
 log = logging.getLogger("fabwatch.processor")
 

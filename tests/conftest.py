@@ -34,7 +34,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    from stream.broker import LocalBroker
+    from fabwatch.stream.kafka.broker import LocalBroker
 
     broker = LocalBroker(tmp_path_factory.mktemp("fabwatch-home"))
     state, _ = broker.up()
@@ -53,7 +53,7 @@ def unique_topic() -> Iterator[str]:
 @pytest.fixture
 def settings(kafka_bootstrap: str, tmp_path: Path):
     """Settings pointing at the test broker, with per-test topic names."""
-    from stream.config import Settings, TopicNames
+    from fabwatch.stream.kafka.config import Settings, TopicNames
 
     suffix = uuid.uuid4().hex[:8]
     topics = TopicNames(**{name: f"{default}.{suffix}" for name, default in TopicNames().model_dump().items()})
@@ -64,9 +64,9 @@ def settings(kafka_bootstrap: str, tmp_path: Path):
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """One quick tiny ensemble trained on synthetic fab data, shared by every test that needs a real
     model (about two minutes on 2 cores). Tests that change its registry must work on a copy."""
-    from export.registry import Registry
-    from models import synth
-    from models.train import TrainConfig, train
+    from fabwatch.export.registry import Registry
+    from fabwatch.models.training import synth
+    from fabwatch.models.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("models-train")
     path = root / "fab.parquet"

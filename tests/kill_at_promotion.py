@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from export import registry
+from fabwatch.export import registry
 
 
 def _die() -> None:
@@ -47,7 +47,7 @@ def _kill_after_switch() -> None:
 if __name__ == "__main__":
     point, args = sys.argv[1], sys.argv[2:]
     {"commit": _kill_after_commit, "switch": _kill_after_switch}[point]()
-    from stream.cli import main
+    from fabwatch.stream.cli.main import main
 
     sys.argv = ["fabwatch", *args]
     main()

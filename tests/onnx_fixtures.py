@@ -1,4 +1,4 @@
-"""Test fixtures on top of ``stream.tiny_models``: a promoted registry and synthetic readings.
+"""Test fixtures on top of ``fabwatch.stream.bench.tiny_models``: a promoted registry and synthetic readings.
 
 Reused by the replay / evaluate tests: ``make_registry(tmp_path)`` gives a promoted version of the
 spike model (``kind="noop"`` for the no-op one); ``readings(...)`` interleaved sensor readings.
@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from export.registry import Registry
-from stream.tiny_models import add_version, build_model, feature_names
+from fabwatch.export.registry import Registry
+from fabwatch.stream.bench.tiny_models import add_version, build_model, feature_names
 
 __all__ = ["add_version", "build_model", "feature_names", "make_registry", "readings"]
 

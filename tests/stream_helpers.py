@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from stream.config import Settings
+from fabwatch.stream.kafka.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def serve_env(settings: Settings) -> dict[str, str]:
 
 def start_serve(settings: Settings, registry: Path, *args: str, log_path: Path) -> subprocess.Popen:
     """``fabwatch serve`` in a subprocess with the test's topic names; its log goes to ``log_path``."""
-    cmd = [sys.executable, "-m", "stream.cli", "serve", "--registry", str(registry), *args]
+    cmd = [sys.executable, "-m", "fabwatch.stream.cli.main", "serve", "--registry", str(registry), *args]
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(cmd, cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)

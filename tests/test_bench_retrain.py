@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.bench_retrain import project
+from fabwatch.models.bench.retrain import project
 
 RATES = {"train_windows_per_s": {"a": 10.0, "b": 40.0, "gate": 1000.0}, "members_forward_windows_per_s": 50.0,
          "onnx_windows_per_s": 20.0, "export_s": 30.0}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.decode import BatchDecoder
-from stream.schemas import ReadingDecoder, Rejected, RejectReason
+from fabwatch.stream.decode import BatchDecoder
+from fabwatch.stream.schemas import ReadingDecoder, Rejected, RejectReason
 
 NAMES = ["a", "b", "c"]
 MESSAGES = [

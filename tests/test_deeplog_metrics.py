@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from stream.logscore import (PAD, UNK, Confusion, LogKeyScorer, Vocabulary, build_windows, evaluate,
+from fabwatch.stream.logs.score import (PAD, UNK, Confusion, LogKeyScorer, Vocabulary, build_windows, evaluate,
                              read_sessions, score_sessions, window_codes)
 
 KEYS = ["a", "b", "c", "d"]  # model ids 2..5
@@ -110,7 +110,7 @@ def test_read_sessions_formats(tmp_path: Path) -> None:
 
 
 def test_training_set_distinct_windows_and_backoff() -> None:
-    from models.deeplog import training_set
+    from fabwatch.models.deeplog import training_set
 
     vocab = Vocabulary(KEYS)  # a=2 b=3 c=4 d=5
     sessions = [["a", "b", "c"]] * 3 + [["a", "b", "d"], ["d", "b", "d"]]

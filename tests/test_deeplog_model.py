@@ -16,7 +16,7 @@ NORMAL = ["1 2 3 4 5 6"] * 40 + ["1 2 4 3 5 6"] * 10 + ["7 1 2 3 4 5 6"] * 5
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     root = tmp_path_factory.mktemp("deeplog")
     (root / "train").write_text("\n".join(NORMAL) + "\n")
@@ -27,7 +27,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 def test_export_is_fused_lstm_with_parity(trained: tuple[Path, dict]) -> None:
-    from export.registry import Registry
+    from fabwatch.export.registry import Registry
 
     root, summary = trained
     assert summary["version"] == "v0001" and summary["promoted"]
@@ -41,7 +41,7 @@ def test_export_is_fused_lstm_with_parity(trained: tuple[Path, dict]) -> None:
 
 
 def test_flags_impossible_order_and_passes_frequent_session(trained: tuple[Path, dict]) -> None:
-    from stream.logscore import LogKeyScorer, score_sessions
+    from fabwatch.stream.logs.score import LogKeyScorer, score_sessions
 
     root, _ = trained
     scorer = LogKeyScorer.from_registry(root / "reg")
@@ -56,7 +56,7 @@ def test_flags_impossible_order_and_passes_frequent_session(trained: tuple[Path,
 
 
 def test_evaluate_cli_reports_metrics(trained: tuple[Path, dict]) -> None:
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     root, _ = trained
     (root / "abnormal").write_text("6 5 4 3 2 1\n1 2 3 9 5 6\n")
@@ -70,7 +70,7 @@ def test_evaluate_cli_reports_metrics(trained: tuple[Path, dict]) -> None:
 
 
 def test_choose_top_g_on_held_out_normals() -> None:
-    from models.deeplog import DeepLogConfig, choose_top_g
+    from fabwatch.models.deeplog import DeepLogConfig, choose_top_g
 
     sessions = [s.split() for s in NORMAL]
     g, info = choose_top_g(sessions, DeepLogConfig(h=3, epochs=200), holdout=0.2)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.logparse import (UNMATCHED, TemplateMatcher, grouping_agreement, parse_file, read_structured,
+from fabwatch.stream.logs.parse import (UNMATCHED, TemplateMatcher, grouping_agreement, parse_file, read_structured,
                              write_rows)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,7 +57,7 @@ def test_parse_cli_json_summary(tmp_path: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     out = tmp_path / "rows.csv"
     result = CliRunner().invoke(app, ["logs", "parse", str(FIXTURES / "hdfs_tiny.log"), "--templates",

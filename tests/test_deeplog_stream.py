@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from stream.logparse import parse_file
-from stream.schemas import Alert, alert_id_for
+from fabwatch.stream.logs.parse import parse_file
+from fabwatch.stream.schemas import Alert, alert_id_for
 from stream_helpers import REPO, committed_offsets, log_has, produce, read_all, serve_env, stop, wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -62,7 +62,7 @@ def _raw_log(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DeepLog with h = 3, g = 2 trained in seconds on the fixture's normal event orders."""
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     root = tmp_path_factory.mktemp("deeplog-stream")
     (root / "train").write_text("\n".join(NORMAL) + "\n")
@@ -74,7 +74,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _offline(raw: Path, registry: Path) -> tuple[set[str], set[tuple[str, int]]]:
     """Offline evaluation of the parsed log: flagged sessions and the (session, line) of every bad window."""
-    from stream.logscore import LogKeyScorer, build_windows, score_sessions
+    from fabwatch.stream.logs.score import LogKeyScorer, build_windows, score_sessions
 
     rows, _ = parse_file(raw, TEMPLATES)
     keys, lines = defaultdict(list), defaultdict(list)
@@ -91,7 +91,7 @@ def _offline(raw: Path, registry: Path) -> tuple[set[str], set[tuple[str, int]]]
 
 
 def _cli(settings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], cwd=REPO, env=serve_env(settings),
+    return subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", *args], cwd=REPO, env=serve_env(settings),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,7 +112,7 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
     group = f"logs-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "stream.cli", "logs", "serve", "--registry", str(tiny_model),
+        serve = subprocess.Popen([sys.executable, "-m", "fabwatch.stream.cli.main", "logs", "serve", "--registry", str(tiny_model),
                                   "--idle-timeout-s", "2", "--group", group, "--max-wait-ms", "20"],
                                  cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -152,7 +152,7 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
 
 
 def test_hdfs_log_replay_refuses_table_options_and_loop(tmp_path: Path) -> None:
-    from stream.config import Settings
+    from fabwatch.stream.kafka.config import Settings
 
     settings = Settings(bootstrap="127.0.0.1:1")
     raw = FIXTURES / "hdfs_tiny.log"
@@ -184,22 +184,22 @@ class _Chain:
 def _sessions(max_sessions: int = 100):
     from types import SimpleNamespace
 
-    from stream.logscore import LogKeyScorer
-    from stream.logserve import LogSessions
+    from fabwatch.stream.logs.score import LogKeyScorer
+    from fabwatch.stream.logs.serve import LogSessions
 
     manifest = SimpleNamespace(extra={"vocabulary": ["a", "b", "c", "d", "e"], "h": 2, "top_g": 1}, version="v9")
     return LogSessions(LogKeyScorer(_Chain(7), manifest), max_sessions=max_sessions)
 
 
 def _keys(*items: tuple[str, str, int]) -> list:
-    from stream.schemas import LogKey
+    from fabwatch.stream.schemas import LogKey
 
     return [LogKey(session=s, ts=1_000 * line, key=k, line=line) for s, k, line in items]
 
 
 def test_sessions_across_polls_match_offline_scoring() -> None:
     """Polls split sessions anywhere, redeliveries are not scored twice; the verdicts are offline's."""
-    from stream.logscore import score_sessions
+    from fabwatch.stream.logs.score import score_sessions
 
     live = _sessions()
     polls = [_keys(("s1", "a", 1), ("s2", "a", 2), ("s1", "b", 3), ("s3", "a", 4)),
@@ -227,8 +227,8 @@ def test_sessions_beyond_the_cap_close_early() -> None:
 
 
 def test_log_messages_are_log_keys_keyed_by_session() -> None:
-    from stream.replay import log_messages
-    from stream.schemas import LogKey
+    from fabwatch.stream.offline.replay import log_messages
+    from fabwatch.stream.schemas import LogKey
 
     messages = log_messages(FIXTURES / "hdfs_tiny.log", TEMPLATES)
     keys = [LogKey.model_validate_json(v) for v in messages.values]

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_demo_shows_alerts_and_writes_the_report(kafka_bootstrap: str, tmp_path: Path):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "FABWATCH_HOME": str(tmp_path / "home"),
            "COLUMNS": "160"}
-    proc = subprocess.run([sys.executable, "-m", "stream.demo", "--workdir", str(tmp_path / "demo"), "--entities", "4",
+    proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.demo", "--workdir", str(tmp_path / "demo"), "--entities", "4",
                            "--history-days", "1.5", "--replay-days", "0.5", "--anomaly-rate", "0.2"],
                           env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stream.config import Settings
-from stream.serve_cli import serve
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.cli.serve import serve
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "deploy" / "docker"
@@ -91,7 +91,7 @@ def test_processor_deployment_agrees_with_the_code():
 
 
 def test_probed_endpoints_exist_on_the_metrics_server():
-    from stream.metrics import MetricsServer, ProcessorMetrics
+    from fabwatch.stream.metrics import MetricsServer, ProcessorMetrics
 
     server = MetricsServer(ProcessorMetrics(), ready=lambda: True, port=0, host="127.0.0.1")
     try:
@@ -121,7 +121,7 @@ def test_compose_services_images_env_and_ports():
 
 @pytest.mark.parametrize("dockerfile", ["processor.Dockerfile", "trainer.Dockerfile"])
 def test_container_entrypoints_are_valid_commands(dockerfile: str):
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     args = _entrypoint(dockerfile)
     assert args[0] == "fabwatch"

@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 from onnx_fixtures import feature_names, make_registry, readings
-from stream.config import Settings
-from stream.evaluate import evaluate_file
-from stream.schemas import Alert
-from stream.topics import ensure_topics
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.offline.evaluate import evaluate_file
+from fabwatch.stream.schemas import Alert
+from fabwatch.stream.kafka.topics import ensure_topics
 from stream_helpers import read_all, start_serve, stop, wait_for
 
 T0 = 1_700_000_000_000
@@ -60,7 +60,7 @@ def test_offline_alerts_predictions_and_metrics(registry: Path, tmp_path: Path):
 def test_cli_writes_row_aligned_predictions_and_a_plot(registry: Path, tmp_path: Path):
     data = _write_csv(tmp_path / "rec.csv", ["E00", "E01", "E02", "E03"], 300, bad_rows=True)
     out, png = tmp_path / "pred.csv", tmp_path / "plot.png"
-    proc = subprocess.run([sys.executable, "-m", "stream.cli", "evaluate", "--registry", str(registry),
+    proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "evaluate", "--registry", str(registry),
                            "--data", str(data), "--predictions", str(out), "--plot", str(png), "--skip-rows", "100",
                            "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -81,7 +81,7 @@ def test_bad_input_exits_2_with_one_line(registry: Path, tmp_path: Path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("entity,ts,x\nA,1,2\n")
     for args in (["--data", str(tmp_path / "missing.csv")], ["--data", str(wrong)]):
-        proc = subprocess.run([sys.executable, "-m", "stream.cli", "evaluate", "--registry", str(registry), *args],
+        proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "evaluate", "--registry", str(registry), *args],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -96,7 +96,7 @@ def test_live_replay_yields_exactly_the_offline_alert_ids(settings: Settings, re
 
     ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.dlq], partitions=3)
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.resolve_bootstrap()}
-    replay = subprocess.run([sys.executable, "-m", "stream.cli", "replay", str(data), "--topic",
+    replay = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "replay", str(data), "--topic",
                              settings.topics.sensors, "--max-speed", "--json"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert replay.returncode == 0, replay.stderr
@@ -110,7 +110,7 @@ def test_live_replay_yields_exactly_the_offline_alert_ids(settings: Settings, re
     live = {Alert.model_validate(orjson.loads(v)).alert_id for v in read_all(settings, settings.topics.alerts)}
     assert live == offline
 
-    compare = subprocess.run([sys.executable, "-m", "stream.cli", "evaluate", "--registry", str(registry), "--data",
+    compare = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "evaluate", "--registry", str(registry), "--data",
                               str(data), "--from-topic", settings.topics.alerts, "--json"], capture_output=True,
                              text=True, env=env, timeout=120)
     assert compare.returncode == 0, compare.stderr

@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from stream.config import Settings
-from stream.topics import ensure_topics
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.kafka.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_security_settings_pass_through_to_librdkafka(monkeypatch):
 def _fabwatch(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "FABWATCH_HOME": str(home)}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", *args], capture_output=True, text=True,
                           env=env, timeout=180)
 
 
@@ -108,7 +108,7 @@ def test_broker_cli_up_twice_status_down_leaves_no_process(tmp_path: Path):
 
 def test_missing_java_is_a_one_line_usage_error(tmp_path: Path):
     env = {**os.environ, "FABWATCH_HOME": str(tmp_path), "PATH": "/nonexistent"}
-    proc = subprocess.run([sys.executable, "-m", "stream.cli", "broker", "up"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "broker", "up"], capture_output=True, text=True,
                           env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fabwatch: Java not found")
@@ -116,7 +116,7 @@ def test_missing_java_is_a_one_line_usage_error(tmp_path: Path):
 
 def test_cluster_ids_never_start_with_a_dash():
     """The storage tool reads an id starting with '-' as an option; base64url draws one in 64 of those."""
-    from stream.broker import cluster_id
+    from fabwatch.stream.kafka.broker import cluster_id
 
     ids = [cluster_id() for _ in range(2000)]
     assert not [i for i in ids if i.startswith("-")]

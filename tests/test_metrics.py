@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from models.metrics import average_precision, eventwise, pointwise, roc_auc
+from fabwatch.models.training.metrics import average_precision, eventwise, pointwise, roc_auc
 
 
 def test_pointwise_by_hand():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from models import ensemble
-from stream.cli import app
+from fabwatch.models import ensemble
+from fabwatch.stream.cli.main import app
 
 TOLERANCE = 0.15
 

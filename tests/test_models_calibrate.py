@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import calibrate
+from fabwatch.models.training import calibrate
 
 RNG = np.random.default_rng(0)
 NORMAL = RNG.normal(0.1, 0.05, 2000)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from export.errors import UsageError
-from models import data, synth
+from fabwatch.export.errors import UsageError
+from fabwatch.models.training import data, synth
 
 
 def _write_csv(path: Path, columns: dict[str, list]) -> Path:
@@ -100,7 +100,7 @@ def test_bad_data_is_a_one_line_usage_error(tmp_path: Path, case: str) -> None:
 def test_cli_bad_data_exits_2_with_one_line(tmp_path: Path) -> None:
     cols = _good_columns(rows=60)
     path = _write_csv(tmp_path / "short.csv", cols)
-    proc = subprocess.run([sys.executable, "-m", "stream.cli", "train", "--data", str(path), "--registry",
+    proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "train", "--data", str(path), "--registry",
                            str(tmp_path / "reg"), "--quick"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fabwatch:")]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import export.registry as registry_mod
-from export.registry import Registry, RegistryError
-from export.runtime import ScoringModel
-from stream.cli import app
-from stream.tiny_models import add_version
+import fabwatch.export.registry as registry_mod
+from fabwatch.export.registry import Registry, RegistryError
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.stream.cli.main import app
+from fabwatch.stream.bench.tiny_models import add_version
 
 
 def _scores(reg: Registry) -> tuple[str, np.ndarray]:

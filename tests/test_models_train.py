@@ -14,9 +14,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from export.onnx_export import FORBIDDEN_OPS, op_histogram
-from export.runtime import ScoringModel
-from models import data, synth
+from fabwatch.export.onnx_export import FORBIDDEN_OPS, op_histogram
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.models.training import data, synth
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_quick_training_detects_held_out_events(trained) -> None:
 
 
 def test_exported_graph_is_fused_and_in_parity(trained) -> None:
-    from models.train import load_keras
+    from fabwatch.models.training.train import load_keras
 
     result, registry = trained
     vdir, manifest = registry.resolve(result.version)
@@ -75,7 +75,7 @@ def test_manifest_holds_the_serving_contract(trained) -> None:
 
 
 def test_export_command_writes_a_new_version_from_the_keras_model(trained) -> None:
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     result, registry = trained
     out = CliRunner().invoke(app, ["export", "--registry", str(registry.root), "--version", result.version,
@@ -89,7 +89,7 @@ def test_export_command_writes_a_new_version_from_the_keras_model(trained) -> No
 
 
 def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Path) -> None:
-    from models.train import TrainConfig, train
+    from fabwatch.models.training.train import TrainConfig, train
 
     path = tmp_path / "fab.csv"
     table = synth.generate(entities=2, steps=600, seed=2, anomaly_rate=0.05)
@@ -111,8 +111,8 @@ def test_time_budget_stops_a_stage_mid_epoch() -> None:
     """A budget that has run out ends training after the batch in hand, not at the end of the epoch."""
     import time
 
-    from models.tf import keras, tf
-    from models.train import Deadline
+    from fabwatch.models.tf import keras, tf
+    from fabwatch.models.training.train import Deadline
 
     batches: list[int] = []
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.registry import Manifest, Scaler, Thresholds
-from export.runtime import ModelOutput
-from stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
-from stream.schemas import alert_id_for
+from fabwatch.export.registry import Manifest, Scaler, Thresholds
+from fabwatch.export.runtime import ModelOutput
+from fabwatch.stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
+from fabwatch.stream.schemas import alert_id_for
 
 F = 3
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from export.registry import Registry, atomic_write_text
-from export.runtime import ScoringModel
-from stream.decode import BatchDecoder
-from stream.engine import ScoringEngine, run_offline
-from stream.schemas import ModelEvent
-from stream.topics import ensure_topics
+from fabwatch.export.registry import Registry, atomic_write_text
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.stream.decode import BatchDecoder
+from fabwatch.stream.engine import ScoringEngine, run_offline
+from fabwatch.stream.schemas import ModelEvent
+from fabwatch.stream.kafka.topics import ensure_topics
 from onnx_fixtures import add_version, make_registry, readings
 from stream_helpers import committed_offsets, log_has, produce, read_all, start_serve, stop, wait_for
 

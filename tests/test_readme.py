@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stream.cli import app
+from fabwatch.stream.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Consumer
 
-from export.errors import UsageError
-from stream.files import ColumnMap, read_table, to_records
-from stream.replay import load_records
+from fabwatch.export.errors import UsageError
+from fabwatch.stream.offline.files import ColumnMap, read_table, to_records
+from fabwatch.stream.offline.replay import load_records
 
 
 
@@ -81,7 +81,7 @@ def _cli(*args: str, bootstrap: str | None = None, timeout: float = 120) -> subp
     env = {**os.environ}
     if bootstrap:
         env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-    return subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

@@ -14,13 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from export.fastpath import BoundRunner, PlacementError, placement_from_profile, profile_placement
-from export.registry import Manifest
-from export.runtime import FP16_FILE, ScoringModel, create_session, fp16_parity_holds
-from models.bench import META_FILE, NO_TORCH, ratios, targets
+from fabwatch.export.fastpath import BoundRunner, PlacementError, placement_from_profile, profile_placement
+from fabwatch.export.registry import Manifest
+from fabwatch.export.runtime import FP16_FILE, ScoringModel, create_session, fp16_parity_holds
+from fabwatch.models.bench.inference import META_FILE, NO_TORCH, ratios, targets
 from onnx_fixtures import make_registry
-from stream.cli import app
-from stream.tiny_models import build_model
+from fabwatch.stream.cli.main import app
+from fabwatch.stream.bench.tiny_models import build_model
 
 BUCKETS = (1, 4, 16)
 WINDOW, FEATURES, HIDDEN = 20, 3, 8
@@ -167,7 +167,7 @@ def test_placement_of_a_real_session_finds_the_cpu_compute_and_ends_profiling(tm
 
 def _bench_models(directory: Path) -> Path:
     """A ``--models`` directory as ``fabwatch bench inference`` leaves it, holding the tiny contract graph."""
-    from export.onnx_export import to_fp16
+    from fabwatch.export.onnx_export import to_fp16
 
     directory.mkdir()
     model = build_model(12)
@@ -217,7 +217,7 @@ def test_ratios_and_targets_compare_onnx_with_the_reference():
 
 def test_torch_reference_mirrors_the_keras_layer_sizes():
     torch = pytest.importorskip("torch")
-    from models import torch_reference
+    from fabwatch.models.bench import torch_reference
 
     model = torch_reference.build(100, 12, "full")
     # the Keras ensemble has 1,645,090 parameters; PyTorch's LSTMs add a second bias vector per direction

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from stream.schemas import Alert, ReadingDecoder, Rejected, RejectReason, alert_id_for
+from fabwatch.stream.schemas import Alert, ReadingDecoder, Rejected, RejectReason, alert_id_for
 
 FEATURES = ["speed", "current", "temp"]
 decoder = ReadingDecoder(FEATURES, max_bytes=1_000_000)
@@ -80,7 +80,7 @@ def test_committed_json_schemas_match_the_models(tmp_path):
 
     from typer.testing import CliRunner
 
-    from stream.cli import app
+    from fabwatch.stream.cli.main import app
 
     result = CliRunner().invoke(app, ["schemas", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from stream.config import Settings
-from stream.store import ReadingStore, StoreWriter
-from stream.topics import ensure_topics
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.models.sidecar.store import ReadingStore, StoreWriter
+from fabwatch.stream.kafka.topics import ensure_topics
 
 DAY = 86_400_000
 T0 = 1_790_000_000_000 - (1_790_000_000_000 % DAY)  # midnight UTC

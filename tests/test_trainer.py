@@ -17,13 +17,13 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from export.registry import Registry
-from export.runtime import ScoringModel
-from models import synth
-from models.trainer import Trainer, TrainerLock, TrainerOptions
-from stream.config import Settings
-from stream.store import ReadingStore
-from stream.topics import ensure_topics
+from fabwatch.export.registry import Registry
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.models.training import synth
+from fabwatch.models.sidecar.trainer import Trainer, TrainerLock, TrainerOptions
+from fabwatch.stream.kafka.config import Settings
+from fabwatch.models.sidecar.store import ReadingStore
+from fabwatch.stream.kafka.topics import ensure_topics
 from stream_helpers import produce, read_all, serve_env, start_serve, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -123,7 +123,7 @@ def test_sigkill_during_training_leaves_the_registry_serving(settings: Settings,
     registry = _copy(serving, tmp_path)
     ensure_topics(settings, [settings.topics.sensors])
     produce(settings, settings.topics.sensors, _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=7)))
-    args = [sys.executable, "-m", "stream.cli", "trainer", "--registry", str(registry), "--store",
+    args = [sys.executable, "-m", "fabwatch.stream.cli.main", "trainer", "--registry", str(registry), "--store",
             str(tmp_path / "store"), "--once", "--quick", "--epochs", "1", "--margin", "1.0", "--json"]
     log = tmp_path / "trainer.log"
     with open(log, "wb") as out:
@@ -177,7 +177,7 @@ def test_sigkill_during_promotion_leaves_the_registry_consistent(settings: Setti
     switched = reg.current_version()
     assert switched == reg.versions()[-1] != before                       # the switch itself is whole
 
-    rerun = subprocess.run([sys.executable, "-m", "stream.cli", *args], env=env, capture_output=True, text=True,
+    rerun = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", *args], env=env, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads(rerun.stdout)["decision"] == "promoted", rerun.stdout

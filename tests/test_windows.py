@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.windows import DUPLICATE, LATE, OK, WindowStore, stride_selects
+from fabwatch.stream.windows import DUPLICATE, LATE, OK, WindowStore, stride_selects
 
 
 def _series(n: int, f: int = 3, t0: int = 1_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,43 @@
+"""Options and output helpers shared by every area's commands (one definition, one behaviour)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from fabwatch.export.errors import UsageError
+from fabwatch.stream.kafka.config import Settings
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
+BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
+                                                     "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
+
+
+def settings_for(bootstrap: str | None = None) -> Settings:
+    """Settings from the environment, with ``--bootstrap`` taking precedence."""
+    settings = Settings()
+    if bootstrap:
+        settings.bootstrap = bootstrap
+    return settings
+
+
+def emit(data: Any, as_json: bool, human: str) -> None:
+    """Print the JSON form with ``--json``, else the human sentence."""
+    typer.echo(json.dumps(data, indent=2, default=str) if as_json else human)
+
+
+def dataset_dir(name: str, given: Path | None) -> Path:
+    """A benchmark data set's folder: ``--data-dir``, else ``$FABWATCH_DATASETS/<name>``, else
+    ``../shared/datasets/<name>`` beside the current directory (a checkout's neighbour). Never a path inside
+    the installed package, so an installed wheel benchmarks the same data as a checkout."""
+    if given is None:
+        root = os.environ.get("FABWATCH_DATASETS")
+        given = (Path(root) if root else Path("..") / "shared" / "datasets") / name
+    if not given.is_dir():
+        raise UsageError(f"no {name} data set at {given}: pass --data-dir or set FABWATCH_DATASETS")
+    return given

@@ -1,0 +1,127 @@
+"""Commands of this area, registered on the root ``fabwatch`` app by ``fabwatch.stream.cli.main``:
+``fabwatch serve``, ``fabwatch alerts tail`` and ``fabwatch bench stream``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fabwatch.export.errors import UsageError
+from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, settings_for
+
+def serve(
+    registry: Annotated[Path, typer.Option("--registry", help="model registry directory (serves its `current`)")],
+    bootstrap: BootstrapOpt = None,
+    exactly_once: Annotated[bool, typer.Option("--exactly-once", help="transactional outputs + offsets "
+                                               "(downstream consumers read_committed)")] = False,
+    emit_scores: Annotated[bool, typer.Option("--emit-scores", help="also produce every window score")] = False,
+    stride: Annotated[int, typer.Option(min=1, help="score ~1 reading in K per key")] = 1,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics and /ready on this port")] = None,
+    group: Annotated[str, typer.Option(help="consumer group")] = "fabwatch-processor",
+    instance_id: Annotated[Optional[str], typer.Option(help="unique per instance (transactional id); "
+                                                       "default: the host name")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="readings per poll and windows per model call")] = 512,
+    max_wait_ms: Annotated[int, typer.Option(min=0, help="longest wait to fill a poll batch")] = 20,
+    min_consecutive: Annotated[int, typer.Option(min=1, help="windows above threshold before opening")] = 1,
+    cooldown_ms: Annotated[int, typer.Option(min=0, help="event-time quiet period after a close")] = 0,
+    max_keys: Annotated[int, typer.Option(min=1, help="cap on live keys (least recently seen evicted)")] = 100_000,
+    key_ttl_s: Annotated[float, typer.Option(min=0, help="evict keys idle this long (0: never)")] = 6 * 3600.0,
+    rebuild_chunk: Annotated[int, typer.Option(min=1, help="readings re-read per step when rebuilding windows "
+                                               "after an assignment")] = 20_000,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Score the sensor stream with the registry's current model and produce alerts."""
+    from fabwatch.stream.policy import PolicyConfig
+    from fabwatch.stream.processor import Processor, ProcessorConfig
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not registry.is_dir():
+        raise UsageError(f"no model registry at {registry}")
+    config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
+                             stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
+                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, rebuild_chunk=rebuild_chunk,
+                             policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
+    if instance_id:
+        config.instance_id = instance_id
+    processor = Processor(settings_for(bootstrap), config)
+    processor.install_signal_handlers()
+    processor.run()
+
+
+def alerts_tail(
+    bootstrap: BootstrapOpt = None,
+    entity: Annotated[Optional[str], typer.Option(help="only this entity")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="only this kind (anomaly, delay, spike, log)")] = None,
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="start at the oldest alert")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON alert per line")] = False,
+    max_alerts: Annotated[Optional[int], typer.Option(help="exit after this many alerts")] = None,
+) -> None:
+    """Follow the alert topic (read_committed) and print alerts readably."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from confluent_kafka import Consumer
+
+    from fabwatch.stream.schemas import Alert
+
+    settings = settings_for(bootstrap)
+    consumer = Consumer(settings.client_config(**{
+        "group.id": f"fabwatch-tail-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+        "auto.offset.reset": "earliest" if from_beginning else "latest", "isolation.level": "read_committed"}))
+    consumer.subscribe([settings.topics.alerts])
+    shown = 0
+    try:
+        while max_alerts is None or shown < max_alerts:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            try:
+                alert = Alert.model_validate_json(msg.value())
+            except ValueError:
+                continue
+            if (entity and alert.entity != entity) or (kind and alert.kind != kind):
+                continue
+            shown += 1
+            if as_json:
+                typer.echo(alert.model_dump_json())
+                continue
+            when = datetime.fromtimestamp(alert.window_end_ts / 1000, timezone.utc).isoformat(timespec="seconds")
+            feats = ", ".join(f"{f.name}={f.contribution:.2f}" for f in alert.top_features)
+            typer.echo(f"{when}  {alert.state.upper():6} {alert.severity:8} {alert.kind:7} {alert.entity:12} "
+                       f"score {alert.score:.3f} (thr {alert.threshold:.3f})  model {alert.model_version}  "
+                       f"top: {feats}  id {alert.alert_id[:12]}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+
+
+def bench_stream(
+    bootstrap: BootstrapOpt = None,
+    messages: Annotated[int, typer.Option(help="readings for the throughput runs")] = 200_000,
+    entities: Annotated[int, typer.Option(help="distinct keys")] = 200,
+    latency_seconds: Annotated[float, typer.Option(help="duration of the 1,000 readings/s latency run")] = 15.0,
+    rounds: Annotated[int, typer.Option(min=1, help="alternated (a)/(b) rounds; the best of each is compared")] = 5,
+    as_json: JsonFlag = False,
+) -> None:
+    """Processor throughput vs raw consume, full-size ensemble at stride 1/10, ingest-to-alert latency."""
+    from fabwatch.stream.bench.stream import run_bench
+
+    result = run_bench(settings_for(bootstrap), messages=messages, entities=entities, latency_seconds=latency_seconds,
+                       rounds=rounds, log=lambda s: typer.echo(s, err=True))
+    typer.echo(json.dumps(result, indent=2) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
+    app.command("serve")(serve)
+    alerts_app = typer.Typer(help="The alert topic.", no_args_is_help=True)
+    alerts_app.command("tail")(alerts_tail)
+    app.add_typer(alerts_app, name="alerts")
+    bench_app.command("stream")(bench_stream)

@@ -1,0 +1,32 @@
+"""Idempotent creation of fabwatch's topics."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from fabwatch.stream.kafka.config import Settings
+
+
+def ensure_topics(settings: Settings, names: Iterable[str] | None = None, partitions: int | None = None,
+                  timeout: float = 30.0) -> dict[str, str]:
+    """Create the topics that do not exist yet. Returns ``{topic: "created" | "exists"}``."""
+    names = list(names) if names is not None else settings.topics.all()
+    admin = AdminClient(settings.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    result = {n: "exists" for n in names if n in existing}
+    todo = [NewTopic(n, num_partitions=partitions or settings.partitions,
+                     replication_factor=settings.replication_factor) for n in names if n not in existing]
+    if not todo:
+        return result
+    for name, fut in admin.create_topics(todo, operation_timeout=timeout, request_timeout=timeout).items():
+        try:
+            fut.result()
+            result[name] = "created"
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            result[name] = "exists"
+    return result
