@@ -15,7 +15,7 @@ import pydantic
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, emit, settings_for
+from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, emit, require_extra, settings_for
 from fabwatch.stream.kafka.config import Settings
 
 app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
@@ -195,6 +195,7 @@ def evaluate_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Score a recording with the processor's own windows, model and alert policy, without Kafka."""
+    require_extra("eval", "sklearn", *(["matplotlib"] if plot else []))
     from fabwatch.stream.offline import evaluate
     from fabwatch.stream.policy import PolicyConfig
 

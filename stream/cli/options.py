@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -41,3 +42,10 @@ def dataset_dir(name: str, given: Path | None) -> Path:
     if not given.is_dir():
         raise UsageError(f"no {name} data set at {given}: pass --data-dir or set FABWATCH_DATASETS")
     return given
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Refuse in one line, naming the extra to install, when a command's optional libraries are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"this command needs {', '.join(missing)}: pip install 'fabwatch[{extra}]'")
