@@ -83,3 +83,49 @@ def member_aucs(member_scores: np.ndarray, y: np.ndarray | None, names: list[str
     if not 0 < positive.sum() < len(positive):
         return {}
     return {n: float(skm.roc_auc_score(positive, member_scores[:, i])) for i, n in enumerate(names)}
+
+
+CHANCE_MARGIN = 0.05    # a validation ROC-AUC within this of 0.5 is a coin toss
+BASELINE_MARGIN = 0.05  # a model this far below the simple baseline's ROC-AUC is worse than the baseline
+
+
+def window_features(x: np.ndarray) -> np.ndarray:
+    """Per-feature mean, std and last value of windows ``[N, W, F]`` -> ``[N, 3F]`` (the baseline's view)."""
+    return np.concatenate([x.mean(axis=1), x.std(axis=1), x[:, -1, :]], axis=1)
+
+
+def quality(task: Task, train_x: np.ndarray, train_y: np.ndarray | None, val_x: np.ndarray,
+            val_y: np.ndarray | None, score: np.ndarray, delay_alert_min: float = 5.0) -> dict[str, object]:
+    """Is the model better than chance and than a simple baseline on its validation windows?
+
+    Baselines: classify, a logistic regression on window mean/std/last; regress, a ridge regression on the same;
+    forecast (unsupervised), the largest |z| of the newest reading (a 3-sigma rule). ``ok`` is False when the
+    model is no better than chance or clearly below the baseline; ``ok`` is None when validation holds too few
+    labels to tell.
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    if val_y is None:
+        return {"ok": None, "reason": "no validation labels: quality not checked"}
+    if task == "regress":
+        base = Ridge().fit(window_features(train_x), train_y).predict(window_features(val_x))
+        mae, base_mae = float(np.mean(np.abs(score - val_y))), float(np.mean(np.abs(base - val_y)))
+        chance = float(np.mean(np.abs(float(train_y.mean()) - val_y)))
+        ok = mae < chance and mae <= base_mae * (1 + BASELINE_MARGIN)
+        return {"ok": ok, "metric": "mae_min", "model": mae, "baseline": base_mae, "chance": chance,
+                "reason": f"validation MAE {mae:.3g} min against {base_mae:.3g} for a ridge baseline and "
+                          f"{chance:.3g} for predicting the mean"}
+    positive = positives(task, val_y, delay_alert_min)
+    if not 0 < positive.sum() < len(positive):
+        return {"ok": None, "reason": "validation holds one class only: quality not checked"}
+    if task == "classify" and train_y is not None and 0 < train_y.sum() < len(train_y):
+        clf = LogisticRegression(max_iter=1000, class_weight="balanced").fit(window_features(train_x), train_y > 0.5)
+        base, name = clf.predict_proba(window_features(val_x))[:, 1], "logistic regression on window mean/std/last"
+    else:
+        base, name = np.abs(val_x[:, -1, :]).max(axis=1), "largest |z| of the newest reading"
+    auc, base_auc = float(skm.roc_auc_score(positive, score)), float(skm.roc_auc_score(positive, base))
+    ok = auc > 0.5 + CHANCE_MARGIN and auc >= base_auc - BASELINE_MARGIN
+    verdict = ("no better than chance" if auc <= 0.5 + CHANCE_MARGIN else
+               "below the simple baseline" if not ok else "better than chance and the baseline")
+    return {"ok": ok, "metric": "roc_auc", "model": auc, "baseline": base_auc, "baseline_method": name,
+            "reason": f"validation ROC-AUC {auc:.3f} against {base_auc:.3f} for the baseline ({name}): {verdict}"}

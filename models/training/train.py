@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     fp16: bool = False
     promote: bool = True
+    force: bool = Field(False, description="promote even when the model is no better than chance or a simple "
+                        "baseline on its validation data")
     warm_start: bool = Field(False, description="start from the current version's Keras weights")
     time_budget_s: float | None = Field(None, gt=0, description="stop training at the first batch past this "
                                         "many seconds (validation scoring, export and the gate come after)")
@@ -225,14 +227,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         extra={"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
                "target": {"mean": target[0], "std": target[1]}})
     registry = Registry(cfg.registry)
-    version, promoted = write_version(model, manifest, registry, fp16=cfg.fp16, promote=cfg.promote,
-                                      calibrate_with=partial(calibrate_on, val=split.val, cfg=cfg))
+    version, _ = write_version(model, manifest, registry, fp16=cfg.fp16, promote=False,
+                               calibrate_with=partial(calibrate_on, split=split, cfg=cfg))
+    verdict = registry.manifest(version).metrics["quality"]
+    promoted = cfg.promote and (verdict["ok"] is not False or cfg.force)
+    if promoted:
+        registry.promote(version)
+    elif cfg.promote:
+        log.warning("%s not promoted: %s (--force promotes it anyway)", version, verdict["reason"])
     return TrainResult(version=version, promoted=promoted, manifest=registry.manifest(version),
                        seconds=time.perf_counter() - started)
 
 
-def calibrate_on(onnx_path: Path, manifest: Manifest, *, val: data.Windows, cfg: TrainConfig) -> None:
-    """Thresholds, calibration and validation metrics from the exported graph's own scores."""
+def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg: TrainConfig) -> None:
+    """Thresholds, calibration, validation metrics and the quality verdict from the exported graph's own scores."""
+    val = split.val
     session = create_session(onnx_path, ["CPUExecutionProvider"])
     outs = [session.run(["score", "member_scores"], {"window": val.x[i:i + 1024]}) for i in range(0, len(val.x), 1024)]
     score = np.concatenate([o[0] for o in outs]).reshape(-1)
@@ -244,6 +253,8 @@ def calibrate_on(onnx_path: Path, manifest: Manifest, *, val: data.Windows, cfg:
     manifest.metrics.update(calibrate.score_metrics(cfg.task, score, val.y, manifest.thresholds, cfg.delay_alert_min))
     manifest.metrics["member_roc_auc"] = calibrate.member_aucs(member_scores, val.y, manifest.members, cfg.task,
                                                                cfg.delay_alert_min)
+    manifest.metrics["quality"] = calibrate.quality(cfg.task, split.train.x, split.train.y, val.x, val.y, score,
+                                                    cfg.delay_alert_min)
     log.info("validation: %s", {k: round(v, 4) for k, v in manifest.metrics.items() if isinstance(v, float)})
 
 
