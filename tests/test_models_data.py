@@ -68,8 +68,8 @@ def test_explicit_features_any_width_and_gaps_within_tolerance(tmp_path: Path) -
 
 
 BAD_DATA = {
-    "missing column": ({"drop": "label"}, {}, "lacks column(s) label"),
-    "missing feature": ({}, {"features": ["f0", "nope"]}, "lacks column(s) nope"),
+    "missing column": ({"drop": "label"}, {}, "label column 'label' not in the file"),
+    "missing feature": ({}, {"features": ["f0", "nope"]}, "feature column(s) nope not in the file"),
     "non-numeric": ({"set": ("f1", 7, "abc")}, {}, "non-numeric value 'abc' at row 8"),
     "NaN beyond tolerance": ({"nan": ("f2", 20)}, {}, "is 13.3% missing"),
     "fewer rows than a window": ({"rows": 60}, {}, "fewer than one window of 100"),

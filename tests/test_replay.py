@@ -53,11 +53,11 @@ def test_ambiguous_or_missing_columns_are_clear_usage_errors(tmp_path: Path):
     table = pa.table({"entity": ["a"], "device": ["b"], "ts": [1], "x": [1.0]})
     with pytest.raises(UsageError, match="ambiguous entity column: entity, device"):
         ColumnMap.resolve(table)
-    assert ColumnMap.resolve(table, entity="device").features == ["x"]
+    assert ColumnMap.resolve(table, entity_col="device").features == ["x"]
     with pytest.raises(UsageError, match="no timestamp column"):
         ColumnMap.resolve(pa.table({"entity": ["a"], "x": [1.0]}))
     with pytest.raises(UsageError, match="feature column.*nope"):
-        ColumnMap.resolve(table, entity="entity", features=["nope"])
+        ColumnMap.resolve(table, entity_col="entity", features=["nope"])
 
 
 def test_bad_rows_are_reported_with_reasons_and_skipped(tmp_path: Path):

@@ -1,7 +1,9 @@
 """Tabular sensor data -> validated arrays -> per-entity windows, time split and scaler.
 
-No TensorFlow here: the stream side reuses the loading, validation and scaling. Every problem with the input
-is a :class:`UsageError` with a one-line reason (the CLI exits with code 2).
+Files are read and their columns mapped by ``fabwatch.stream.offline.files``, as for `evaluate` and `replay`
+(same timestamp units, same single-entity name). No TensorFlow here: the stream side reuses the loading,
+validation and scaling. Every problem with the input is a :class:`UsageError` with a one-line reason (the CLI
+exits with code 2).
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ import pyarrow.compute as pc
 
 from fabwatch.export.errors import UsageError
 from fabwatch.export.registry import Scaler, sha256_file
+from fabwatch.stream.offline.files import ColumnMap, read_table, timestamps_ms
 
 Task = Literal["classify", "regress", "forecast"]
-ENTITY_COL = "entity"
-TS_COL = "ts"
-META_COLS = frozenset({ENTITY_COL, TS_COL, "label", "event"})
 
 
 @dataclass
@@ -51,24 +51,6 @@ class Split:
     feature_names: list[str]
 
 
-def read_table(path: Path) -> pa.Table:
-    if not path.exists():
-        raise UsageError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if suffix == ".csv":
-            import pyarrow.csv as pacsv
-
-            return pacsv.read_csv(path)
-    except pa.ArrowInvalid as exc:
-        raise UsageError(f"cannot read {path.name}: {str(exc).splitlines()[0]}") from exc
-    raise UsageError(f"unsupported data file {path.name}: use .parquet or .csv")
-
-
 def _numeric(table: pa.Table, name: str) -> np.ndarray:
     """A column as float64 (nulls -> NaN); a non-numeric value is a usage error naming it and its row."""
     col = table.column(name)
@@ -86,15 +68,6 @@ def _numeric(table: pa.Table, name: str) -> np.ndarray:
         raise
 
 
-def infer_features(table: pa.Table, label_col: str | None) -> list[str]:
-    """Every column but entity, ts, label, event and the label column (a text column is an error, named)."""
-    skip = META_COLS | ({label_col} if label_col else set())
-    names = [name for name in table.column_names if name not in skip]
-    if not names:
-        raise UsageError("no feature columns found: name them with --features")
-    return names
-
-
 def _fill_gaps(x: np.ndarray, entity: np.ndarray) -> np.ndarray:
     """Forward-fill NaN within each entity (the last good reading); leading gaps get the column mean."""
     n = len(x)
@@ -107,67 +80,65 @@ def _fill_gaps(x: np.ndarray, entity: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(filled), np.nanmean(x, axis=0), filled)
 
 
-def _timestamps(table: pa.Table) -> np.ndarray:
-    """Epoch ms from an integer, float or timestamp ``ts`` column; row order when there is none."""
-    if TS_COL not in table.column_names:
-        return np.arange(table.num_rows)
-    col = table.column(TS_COL)
-    if pa.types.is_timestamp(col.type):
-        return col.cast(pa.timestamp("ms")).cast(pa.int64()).to_numpy(zero_copy_only=False)
-    return _numeric(table, TS_COL)
-
-
 def load(path: Path | str, features: Sequence[str] | None = None, label_col: str | None = "label",
-         task: Task = "classify", nan_tolerance: float = 0.01, window: int = 100) -> Table:
-    """Read and validate a CSV/Parquet file of readings."""
+         task: Task = "classify", nan_tolerance: float = 0.01, window: int = 100, *, ts_col: str | None = None,
+         entity_col: str | None = None, entity: str | None = None) -> Table:
+    """Read and validate a CSV/Parquet/JSONL file of readings, columns mapped as `evaluate` and `replay` map them.
+
+    Stricter than replay: a bad timestamp, entity or feature cell is an error here, not a skipped row; missing
+    feature values up to ``nan_tolerance`` are forward-filled.
+    """
     path = Path(path)
     table = read_table(path)
-    needed = list(features or []) + ([label_col] if label_col and task != "forecast" else [])
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise UsageError(f"{path.name} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
-    feature_names = list(features) if features else infer_features(table, label_col)
-
-    if ENTITY_COL in table.column_names:
-        ent_arr = table.column(ENTITY_COL).cast(pa.string()).combine_chunks().dictionary_encode()
-        entity_names = [str(v) for v in ent_arr.dictionary.to_pylist()]
-        entity = ent_arr.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        entity_names, entity = ["all"], np.zeros(table.num_rows, np.int64)
-    order = np.lexsort((_timestamps(table), entity))
+    # forecast is unsupervised: a label column, when present, only scores the validation split
+    wanted = label_col if label_col and (task != "forecast" or label_col in table.column_names) else None
+    cmap = ColumnMap.resolve(table, entity_col=entity_col, ts_col=ts_col, features=features, label_col=wanted,
+                             entity=entity)
+    ts, ts_ok = timestamps_ms(table.column(cmap.ts))
+    if not ts_ok.all():
+        row = int(np.argmin(ts_ok))
+        raise UsageError(f"column {cmap.ts!r} has {table.column(cmap.ts)[row].as_py()!r} at row {row + 1}: not an "
+                         f"ISO-8601 time or epoch seconds/milliseconds (name the timestamp column with --ts-col)")
+    names = cmap.entities(table)
+    if names.null_count:
+        row = int(np.argmax(names.is_null().to_numpy(zero_copy_only=False)))
+        raise UsageError(f"column {cmap.entity!r} has no entity at row {row + 1}")
+    ent_arr = names.dictionary_encode()
+    entity_names = [str(v) for v in ent_arr.dictionary.to_pylist()]
+    codes = ent_arr.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    order = np.lexsort((ts, codes))
 
     try:
-        x = np.column_stack([_numeric(table, c) for c in feature_names])[order]
+        x = np.column_stack([_numeric(table, c) for c in cmap.features])[order]
     except UsageError as exc:
         raise UsageError(f"{exc}{'' if features else ' (or name the feature columns with --features)'}") from None
     bad = ~np.isfinite(x)
     frac = bad.mean(axis=0)
     if (frac > nan_tolerance).any():
         worst = int(np.argmax(frac))
-        raise UsageError(f"column {feature_names[worst]!r} is {frac[worst]:.1%} missing or non-finite "
+        raise UsageError(f"column {cmap.features[worst]!r} is {frac[worst]:.1%} missing or non-finite "
                          f"(tolerance {nan_tolerance:.1%}: raise --nan-tolerance or clean the data)")
-    entity = entity[order]
+    codes = codes[order]
     if bad.any():
-        x = _fill_gaps(np.where(bad, np.nan, x), entity)
+        x = _fill_gaps(np.where(bad, np.nan, x), codes)
 
     y = None
-    # forecast is unsupervised: a label column, when present, only scores the validation split
-    if label_col and (task != "forecast" or label_col in table.column_names):
-        y = _numeric(table, label_col)[order]
+    if wanted:
+        y = _numeric(table, wanted)[order]
         if not np.isfinite(y).all():
-            raise UsageError(f"label column {label_col!r} has missing or non-finite values")
+            raise UsageError(f"label column {wanted!r} has missing or non-finite values")
         if task != "regress" and not np.isin(y, (0.0, 1.0)).all():
             others = np.unique(y[~np.isin(y, (0.0, 1.0))])[:3]
-            raise UsageError(f"label column {label_col!r} must hold 0/1 for --task {task}, found {others.tolist()}")
+            raise UsageError(f"label column {wanted!r} must hold 0/1 for --task {task}, found {others.tolist()}")
         if task == "regress" and (y < 0).any():
-            raise UsageError(f"label column {label_col!r} must hold delay minutes >= 0 for --task regress")
+            raise UsageError(f"label column {wanted!r} must hold delay minutes >= 0 for --task regress")
         y = y.astype(np.float32)
 
-    counts = np.bincount(entity)
+    counts = np.bincount(codes)
     if counts.max(initial=0) < window:
         raise UsageError(f"{path.name} has at most {counts.max(initial=0)} rows per entity, fewer than one window "
                          f"of {window}")
-    return Table(feature_names=feature_names, x=x.astype(np.float32), y=y, entity=entity,
+    return Table(feature_names=cmap.features, x=x.astype(np.float32), y=y, entity=codes,
                  entity_names=entity_names, fingerprint=sha256_file(path))
 
 

@@ -15,7 +15,8 @@ import pydantic
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, emit, require_extra, settings_for
+from fabwatch.stream.cli.options import (BootstrapOpt, EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, LabelColOpt,
+                                         TsColOpt, column_list, emit, require_extra, settings_for)
 from fabwatch.stream.kafka.config import Settings
 
 app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
@@ -134,10 +135,11 @@ def replay_cmd(
                                                "hdfs-log (raw HDFS lines -> one log key per line and block)")] = None,
     templates: Annotated[Optional[Path], typer.Option("--templates", help="hdfs-log: EventId,EventTemplate CSV "
                                                       "(loghub HDFS_templates.csv format); Drain when absent")] = None,
-    entity_col: Annotated[Optional[str], typer.Option("--entity-col", help="entity column (inferred)")] = None,
-    ts_col: Annotated[Optional[str], typer.Option("--ts-col", help="timestamp column (inferred)")] = None,
-    features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns (inferred: numeric)")] = None,
-    label_col: Annotated[Optional[str], typer.Option("--label-col", help="0/1 label column carried along")] = None,
+    entity_col: EntityColOpt = None,
+    entity: EntityOpt = None,
+    ts_col: TsColOpt = None,
+    features: FeaturesOpt = None,
+    label_col: LabelColOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad row (exit 2)")] = False,
     bootstrap: BootstrapOpt = None,
     as_json: JsonFlag = False,
@@ -149,8 +151,8 @@ def replay_cmd(
         raise UsageError("--speed and --max-speed exclude each other")
     settings = settings_for(bootstrap)
     if fmt == "hdfs-log":
-        if entity_col or ts_col or features or label_col or strict:
-            raise UsageError("--entity-col, --ts-col, --features, --label-col and --strict are for tables, "
+        if entity_col or entity or ts_col or features or label_col or strict:
+            raise UsageError("--entity-col, --entity, --ts-col, --features, --label-col and --strict are for tables, "
                              "not --format hdfs-log")
         topic = topic or settings.topics.logkeys
         messages = log_messages(file, templates)
@@ -158,8 +160,8 @@ def replay_cmd(
         if templates is not None:
             raise UsageError("--templates is for --format hdfs-log")
         topic = topic or settings.topics.sensors
-        records = load_records(file, fmt, entity_col, ts_col, features.split(",") if features else None, label_col,
-                               strict)
+        records = load_records(file, fmt, entity_col=entity_col, ts_col=ts_col, features=column_list(features),
+                               label_col=label_col, entity=entity, strict=strict)
         for row, reason, detail in records.rejected[:10]:
             typer.echo(f"skipping row {row + 1}: {reason}: {detail}", err=True)
         if len(records.rejected) > 10:
@@ -179,7 +181,7 @@ def replay_cmd(
 def evaluate_cmd(
     registry: Annotated[Path, typer.Option("--registry", help="model registry (its `current` version)")],
     data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSONL recording")],
-    label_col: Annotated[Optional[str], typer.Option("--label-col", help="0/1 label column (inferred: label)")] = None,
+    label_col: LabelColOpt = None,
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="row-aligned CSV of score and pred")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG: features, score, threshold, labels")] = None,
     plot_entity: Annotated[Optional[str], typer.Option("--plot-entity", help="entity to plot (default: most labelled)")] = None,
@@ -189,8 +191,10 @@ def evaluate_cmd(
     cooldown_ms: Annotated[int, typer.Option(min=0, help="as `serve --cooldown-ms`")] = 0,
     from_topic: Annotated[Optional[str], typer.Option("--from-topic", help="compare with the alerts on this topic")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | jsonl (default: by extension)")] = None,
-    entity_col: Annotated[Optional[str], typer.Option("--entity-col")] = None,
-    ts_col: Annotated[Optional[str], typer.Option("--ts-col")] = None,
+    entity_col: EntityColOpt = None,
+    entity: EntityOpt = None,
+    ts_col: TsColOpt = None,
+    features: FeaturesOpt = None,
     bootstrap: BootstrapOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -200,8 +204,8 @@ def evaluate_cmd(
     from fabwatch.stream.policy import PolicyConfig
 
     ev = evaluate.evaluate_file(registry, data, label_col=label_col, fmt=fmt, entity_col=entity_col, ts_col=ts_col,
-                       skip_rows=skip_rows, stride=stride,
-                       policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
+                                features=column_list(features), entity=entity, skip_rows=skip_rows, stride=stride,
+                                policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     report = dict(ev.metrics)
     if predictions:
         evaluate.write_predictions(ev, predictions)

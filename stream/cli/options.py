@@ -17,6 +17,17 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output"
 RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
 BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
                                                      "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
+# how `train`, `evaluate` and `replay` map a file's columns (fabwatch.stream.offline.files.ColumnMap)
+TsColOpt = Annotated[Optional[str], typer.Option("--ts-col", help="timestamp column: ISO-8601, epoch s or ms "
+                                                 "(inferred: ts, timestamp, time, datetime, date)")]
+EntityColOpt = Annotated[Optional[str], typer.Option("--entity-col", help="entity column (inferred: entity, "
+                                                     "device, tool, ...; none: the file is one entity)")]
+EntityOpt = Annotated[Optional[str], typer.Option("--entity", help="name of the one entity of a file without an "
+                                                  "entity column (default: all)")]
+FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="comma-separated feature columns "
+                                                    "(inferred: numeric columns not named like entity/ts/label)")]
+LabelColOpt = Annotated[Optional[str], typer.Option("--label-col", help="0/1 label column (inferred: label, "
+                                                    "is_anomaly, anomaly)")]
 
 
 def settings_for(bootstrap: str | None = None) -> Settings:
@@ -25,6 +36,11 @@ def settings_for(bootstrap: str | None = None) -> Settings:
     if bootstrap:
         settings.bootstrap = bootstrap
     return settings
+
+
+def column_list(text: str | None) -> list[str] | None:
+    """``--features a,b`` -> ["a", "b"]; None when not given."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 def emit(data: Any, as_json: bool, human: str) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import JsonFlag, RegistryOpt, emit
+from fabwatch.stream.cli.options import EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, RegistryOpt, TsColOpt, emit
 
 TASKS = ("classify", "regress", "forecast")
 SIZES = ("full", "small", "tiny")
@@ -51,13 +51,17 @@ def synth(out: Annotated[Path, typer.Option("--out", help="output file, .parquet
                          f"({info['label_rate']:.1%} labelled: {info['event_rows']})")
 
 
-def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet readings")],
+def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSONL readings")],
           registry: RegistryOpt,
           label_col: Annotated[str, typer.Option("--label-col", help="label column (0/1, or delay minutes)")] = "label",
           unsupervised: Annotated[bool, typer.Option("--unsupervised", help="no labels: the forecast task")] = False,
           task: Annotated[Optional[str], typer.Option(help="classify | regress | forecast")] = None,
-          features: Annotated[Optional[str], typer.Option(help="comma-separated feature columns (default: "
-                                                                "every column but entity/ts/label/event)")] = None,
+          features: FeaturesOpt = None,
+          ts_col: TsColOpt = None,
+          entity_col: EntityColOpt = None,
+          entity: EntityOpt = None,
+          window: Annotated[Optional[int], typer.Option(help="steps per window (default 100); serving, evaluate "
+                                                              "and the trainer take it from the model")] = None,
           epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per stage (early stopping)")] = None,
           quick: Annotated[bool, typer.Option("--quick", help="tiny ensemble, few epochs: CI and demos")] = False,
           size: Annotated[Optional[str], typer.Option(help="full | small | tiny")] = None,
@@ -88,7 +92,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV or Parquet read
                "promote": not no_promote, "warm_start": warm_start,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
-                                        nan_tolerance=nan_tolerance, target_far=target_far).items() if v is not None}}
+                                        nan_tolerance=nan_tolerance, target_far=target_far, window=window,
+                                        ts_col=ts_col, entity_col=entity_col, entity=entity).items() if v is not None}}
     try:
         config = TrainConfig.quick(**options) if quick else TrainConfig(**options)
     except ValidationError as exc:

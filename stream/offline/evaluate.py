@@ -71,14 +71,20 @@ def _carry_forward(score: np.ndarray, entity: Sequence[str]) -> np.ndarray:
 
 
 def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, fmt: str | None = None,
-                  entity_col: str | None = None, ts_col: str | None = None, skip_rows: int = 0,
-                  stride: int = 1, policy: PolicyConfig | None = None, providers: Sequence[str] | None = None
-                  ) -> Evaluation:
+                  entity_col: str | None = None, ts_col: str | None = None, features: Sequence[str] | None = None,
+                  entity: str | None = None, skip_rows: int = 0, stride: int = 1, policy: PolicyConfig | None = None,
+                  providers: Sequence[str] | None = None) -> Evaluation:
+    """Score ``data`` with the registry's current model. ``features`` is there so `train`'s column options can be
+    passed as they are: the model reads the features it was trained on, by name."""
     model = ScoringModel.from_registry(registry, providers=providers)
     manifest = model.manifest
     if manifest.thresholds is None:
         raise UsageError(f"model {manifest.version} has no thresholds: evaluation needs one")
-    records = load_records(data, fmt, entity_col, ts_col, manifest.feature_names, label_col)
+    if features and set(features) != set(manifest.feature_names):
+        raise UsageError(f"--features must name the model's features: {manifest.version} reads "
+                         f"{', '.join(manifest.feature_names)}")
+    records = load_records(data, fmt, entity_col=entity_col, ts_col=ts_col, features=manifest.feature_names,
+                           label_col=label_col, entity=entity)
     if len(records.ts) == 0:
         raise UsageError(f"{data.name}: no valid rows")
     engine = ScoringEngine(model, policy, stride=stride)

@@ -1,5 +1,8 @@
 """Historical files (CSV, Parquet, JSONL) -> readings: one reader and one column mapping shared by
-`fabwatch replay` and offline evaluation, so both see the same rows in the same order."""
+`fabwatch train`, `fabwatch evaluate` and `fabwatch replay`, so all three see the same columns, entities and
+timestamps (and a live replay gives the alert ids of an offline evaluation).
+
+A file without an entity column holds one entity, named ``--entity`` or :data:`SINGLE_ENTITY`."""
 
 from __future__ import annotations
 
@@ -15,17 +18,23 @@ from fabwatch.export.errors import UsageError
 from fabwatch.stream.schemas import RejectReason, parse_timestamp_ms
 
 ENTITY_CANDIDATES = ("entity", "entity_id", "device", "vehicle", "tool", "key", "id")
-TS_CANDIDATES = ("ts", "timestamp", "time", "datetime", "event_time")
+TS_CANDIDATES = ("ts", "timestamp", "time", "datetime", "date", "event_time")
 LABEL_CANDIDATES = ("label", "is_anomaly", "anomaly")
 NON_FEATURE = frozenset({"event", "event_type", "delay_minutes"})
 FORMATS = ("csv", "parquet", "jsonl")
+# the entity of a file without an entity column, the same in every command so alert ids agree
+# (the --entity help in fabwatch.stream.cli.options names it too)
+SINGLE_ENTITY = "all"
+# numbers all in this range are epoch seconds (1973-03-03 .. 2286-11-20); as milliseconds they would be
+# 1970's first four months, which no recording holds, so anything else (small test counters too) is ms
+EPOCH_SECONDS = (1e8, 1e10)
 
 
 def detect_format(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
     fmt = {"pq": "parquet", "json": "jsonl", "ndjson": "jsonl"}.get(suffix, suffix)
     if fmt not in FORMATS:
-        raise UsageError(f"cannot tell the format of {path.name}: use .csv, .parquet or .jsonl (or --format)")
+        raise UsageError(f"cannot tell the format of {path.name}: use .csv, .parquet or .jsonl")
     return fmt
 
 
@@ -57,17 +66,17 @@ def read_table(path: Path | str, fmt: str | None = None) -> pa.Table:
     return table
 
 
-def _pick(columns: Sequence[str], explicit: str | None, candidates: Sequence[str], what: str, flag: str) -> str:
+def _pick(columns: Sequence[str], explicit: str | None, candidates: Sequence[str], what: str,
+          flag: str) -> str | None:
+    """The explicit column, else the one column named like a candidate (any case), else None."""
     if explicit:
         if explicit not in columns:
             raise UsageError(f"{what} column {explicit!r} not in the file (columns: {', '.join(columns)})")
         return explicit
     found = [c for c in columns if c.lower() in candidates]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise UsageError(f"no {what} column found (looked for {', '.join(candidates)}): name it with {flag}")
-    raise UsageError(f"ambiguous {what} column: {', '.join(found)} all qualify; choose one with {flag}")
+    if len(found) > 1:
+        raise UsageError(f"ambiguous {what} column: {', '.join(found)} all qualify; choose one with {flag}")
+    return found[0] if found else None
 
 
 def _mostly_numeric(col: pa.ChunkedArray) -> bool:
@@ -83,32 +92,53 @@ def _mostly_numeric(col: pa.ChunkedArray) -> bool:
 
 @dataclass(frozen=True)
 class ColumnMap:
-    entity: str
+    """Which columns of a file hold the entity, timestamp, features and label."""
+
+    entity: str | None              # None: the file is one entity, ``single_entity``
     ts: str
     features: list[str]
     label: str | None
+    single_entity: str = SINGLE_ENTITY
 
     @classmethod
-    def resolve(cls, table: pa.Table, entity: str | None = None, ts: str | None = None,
-                features: Sequence[str] | None = None, label: str | None = None) -> "ColumnMap":
-        """Explicit names win; otherwise infer, and refuse to guess between equally good columns."""
+    def resolve(cls, table: pa.Table, *, entity_col: str | None = None, ts_col: str | None = None,
+                features: Sequence[str] | None = None, label_col: str | None = None,
+                entity: str | None = None) -> "ColumnMap":
+        """Explicit names win; otherwise infer by name, and refuse to guess between equally good columns.
+
+        ``entity`` names the one entity of a file without an entity column (no column is looked for then).
+        Inferred features are the numeric columns not named like an entity, timestamp or label column.
+        """
         cols = table.column_names
-        entity_col = _pick(cols, entity, ENTITY_CANDIDATES, "entity", "--entity-col")
-        ts_col = _pick(cols, ts, TS_CANDIDATES, "timestamp", "--ts-col")
-        label_col = label if label else next((c for c in cols if c.lower() in LABEL_CANDIDATES), None)
-        if label and label not in cols:
-            raise UsageError(f"label column {label!r} not in the file")
+        if entity and entity_col:
+            raise UsageError("--entity names the one entity of a file without an entity column: "
+                             "drop it or --entity-col")
+        entity_col = None if entity else _pick(cols, entity_col, ENTITY_CANDIDATES, "entity", "--entity-col")
+        ts_col = _pick(cols, ts_col, TS_CANDIDATES, "timestamp", "--ts-col")
+        if ts_col is None:
+            raise UsageError(f"no timestamp column found (looked for {', '.join(TS_CANDIDATES)}): "
+                             "name it with --ts-col")
+        label_col = _pick(cols, label_col, LABEL_CANDIDATES, "label", "--label-col")
         if features:
             missing = [f for f in features if f not in cols]
             if missing:
-                raise UsageError(f"feature column(s) {', '.join(missing)} not in the file")
+                raise UsageError(f"feature column(s) {', '.join(missing)} not in the file (columns: {', '.join(cols)})")
             feature_cols = list(features)
         else:
-            skip = {entity_col, ts_col, label_col} | NON_FEATURE
-            feature_cols = [f.name for f in table.schema if f.name not in skip and _mostly_numeric(table.column(f.name))]
+            named = {c for c in cols if c.lower() in (*ENTITY_CANDIDATES, *TS_CANDIDATES, *LABEL_CANDIDATES)}
+            skip = {entity_col, ts_col, label_col} | named | NON_FEATURE
+            feature_cols = [c for c in cols if c not in skip and _mostly_numeric(table.column(c))]
             if not feature_cols:
                 raise UsageError("no numeric feature columns found: name them with --features")
-        return cls(entity=entity_col, ts=ts_col, features=feature_cols, label=label_col)
+        return cls(entity=entity_col, ts=ts_col, features=feature_cols, label=label_col,
+                   single_entity=entity or SINGLE_ENTITY)
+
+    def entities(self, table: pa.Table) -> pa.Array:
+        """Each row's entity as strings (null where the cell is empty): the single entity's name without a column."""
+        if self.entity is None:
+            return pa.repeat(pa.scalar(self.single_entity), table.num_rows)
+        text = table.column(self.entity).cast(pa.string()).combine_chunks()
+        return pc.if_else(pc.equal(text, ""), None, text)
 
 
 @dataclass
@@ -124,23 +154,34 @@ class Records:
     rejected: list[tuple[int, RejectReason, str]]  # (file row, reason, detail)
 
 
-def _timestamps_ms(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(epoch ms int64, ok mask); ISO strings are parsed like the Reading schema parses them."""
-    if pa.types.is_timestamp(col.type):
-        arr = pc.cast(pc.cast(col, pa.timestamp("ms", col.type.tz)), pa.int64()).to_numpy(zero_copy_only=False)
+def timestamps_ms(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(epoch ms int64, ok mask) of a timestamp column.
+
+    Timestamp and date columns as stored; ISO-8601 text as the Reading schema parses it (naive means UTC);
+    numbers (or numeric text) are epoch seconds when every one lies in :data:`EPOCH_SECONDS`, else epoch
+    milliseconds: one unit per column, decided once, so a recording never mixes them.
+    """
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        tz = col.type.tz if pa.types.is_timestamp(col.type) else None
+        arr = col.cast(pa.timestamp("ms", tz), safe=False).cast(pa.int64()).to_numpy(zero_copy_only=False)
         ok = ~np.asarray(col.is_null())
         return np.where(ok, arr, 0).astype(np.int64), ok
+    iso, iso_ok = np.zeros(len(col), np.int64), np.zeros(len(col), bool)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         raw = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        ok = np.isfinite(raw) & (raw >= 0)
-        return np.where(ok, raw, 0).astype(np.int64), ok
-    out, ok = np.zeros(len(col), np.int64), np.zeros(len(col), bool)
-    for i, v in enumerate(col.cast(pa.string()).to_pylist()):
-        try:
-            out[i], ok[i] = parse_timestamp_ms(float(v) if _is_number(v) else v), True
-        except Exception:  # any unparseable cell rejects its row as bad_timestamp
-            pass
-    return out, ok
+    else:
+        text = col.cast(pa.string()).to_pylist()
+        raw = np.array([float(v) if _is_number(v) else np.nan for v in text], np.float64)
+        for i in np.flatnonzero(np.isnan(raw)):
+            try:
+                iso[i], iso_ok[i] = parse_timestamp_ms(text[i]), True
+            except Exception:  # any unparseable cell rejects its row as bad_timestamp
+                pass
+    num_ok = np.isfinite(raw) & (raw >= 0)
+    lo, hi = EPOCH_SECONDS
+    seconds = bool(num_ok.any()) and bool(np.all((raw[num_ok] >= lo) & (raw[num_ok] <= hi)))
+    ms = np.where(num_ok, np.rint(raw * 1000) if seconds else raw, 0).astype(np.int64)
+    return np.where(iso_ok, iso, ms), num_ok | iso_ok
 
 
 def _is_number(text: str | None) -> bool:
@@ -154,8 +195,8 @@ def _is_number(text: str | None) -> bool:
 def to_records(table: pa.Table, cmap: ColumnMap) -> Records:
     n = table.num_rows
     rejected: list[tuple[int, RejectReason, str]] = []
-    entity_col = table.column(cmap.entity).cast(pa.string()).to_pylist()
-    ts, ts_ok = _timestamps_ms(table.column(cmap.ts))
+    entity_col = cmap.entities(table).to_pylist()
+    ts, ts_ok = timestamps_ms(table.column(cmap.ts))
     values = np.empty((n, len(cmap.features)), np.float64)
     numeric_ok = np.ones(n, bool)
     for j, name in enumerate(cmap.features):
@@ -180,7 +221,7 @@ def to_records(table: pa.Table, cmap: ColumnMap) -> Records:
     good = ~(entity_missing | ~ts_ok | ~numeric_ok | ~finite)
     for i in np.flatnonzero(~good):
         if entity_missing[i]:
-            rejected.append((int(i), RejectReason.schema, "missing entity"))
+            rejected.append((int(i), RejectReason.schema, f"missing entity in column {cmap.entity!r}"))
         elif not ts_ok[i]:
             rejected.append((int(i), RejectReason.bad_timestamp, f"unparseable timestamp in column {cmap.ts!r}"))
         elif not numeric_ok[i]:

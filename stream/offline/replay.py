@@ -57,10 +57,13 @@ class ReplaySummary:
                 "seconds": round(self.seconds, 3), "msgs_per_s": round(self.msgs_per_s)}
 
 
-def load_records(path: Path, fmt: str | None = None, entity: str | None = None, ts: str | None = None,
-                 features: Sequence[str] | None = None, label: str | None = None, strict: bool = False) -> Records:
+def load_records(path: Path, fmt: str | None = None, *, entity_col: str | None = None, ts_col: str | None = None,
+                 features: Sequence[str] | None = None, label_col: str | None = None, entity: str | None = None,
+                 strict: bool = False) -> Records:
+    """A file's readings as `replay` sends them and `evaluate` scores them (column options as in `train`)."""
     table = read_table(path, fmt)
-    records = to_records(table, ColumnMap.resolve(table, entity, ts, features, label))
+    records = to_records(table, ColumnMap.resolve(table, entity_col=entity_col, ts_col=ts_col, features=features,
+                                                  label_col=label_col, entity=entity))
     if strict and records.rejected:
         row, reason, detail = min(records.rejected)
         raise UsageError(f"{Path(path).name} row {row + 1}: {reason}: {detail} (--strict)")
