@@ -79,6 +79,14 @@ class ForecastCombine(keras.layers.Layer):
 
 
 @serializable
+class MonitorWeight(keras.layers.Layer):
+    """Gate weights [B,M] -> [B,M+1] with weight 1 for the statistical monitor (it always applies)."""
+
+    def call(self, weights: tf.Tensor) -> tf.Tensor:
+        return tf.concat([weights, tf.ones_like(weights[:, :1])], axis=-1)
+
+
+@serializable
 class MeanOverFeatures(keras.layers.Layer):
     def call(self, x: tf.Tensor) -> tf.Tensor:
         return tf.reduce_mean(x, axis=-1)

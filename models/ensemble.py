@@ -3,13 +3,23 @@
 Outputs, by the registry contract (DESIGN.md): ``score`` [B], ``member_scores`` [B,M], ``weights`` [B,M] and,
 for ``forecast``, ``feature_error`` [B,F]. The input ``window`` [B, window, F] is already scaled.
 Members take the whole window, except for ``forecast`` where they see all but the last step and predict it.
+
+What ``score`` means, by task (higher is worse):
+
+- classify: the gate-weighted probability of an event, in [0, 1];
+- regress: the gate-weighted predicted delay, in minutes;
+- forecast (unsupervised): the statistical monitor's ratio to its limit (``members.monitor``; 1 is the alarm
+  limit). On short normal histories a neural forecaster cannot set limits that hold on the next normal day, so
+  the monitor decides; the five forecasters still run, and their gate-combined squared error per feature
+  (``feature_error``) says which features deviate. ``member_scores`` holds each forecaster's error and, last,
+  the monitor's ratio (its weight is 1).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from fabwatch.models.members import cnn_lstm, residual_gru, rules, spike, stacked_lstm
+from fabwatch.models.members import cnn_lstm, monitor, residual_gru, rules, spike, stacked_lstm
 from fabwatch.models.common import (
     DropLastStep,
     ForecastCombine,
@@ -18,6 +28,7 @@ from fabwatch.models.common import (
     Size,
     Task,
     WeightedSum,
+    MonitorWeight,
     WindowStats,
     task_head,
     units,
@@ -72,13 +83,27 @@ def _combine(stacked: tf.Tensor, weights: tf.Tensor, inputs: tf.Tensor, task: Ta
     return {"weights": weights, "member_scores": stacked, "score": WeightedSum(name="weighted")([stacked, weights])}
 
 
+def member_names(task: Task) -> list[str]:
+    """The manifest's member list: the five, and for the forecast task the statistical monitor last."""
+    return [*MEMBERS, monitor.NAME] if task == "forecast" else list(MEMBERS)
+
+
 def assemble(members: list[keras.Model], gate: keras.Model, window: int, n_features: int,
-             task: Task) -> keras.Model:
-    """Wire trained (or fresh) members and a gate into the serving model with the contract's outputs."""
+             task: Task, stat_monitor: keras.layers.Layer | None = None) -> keras.Model:
+    """Wire trained (or fresh) members and a gate into the serving model with the contract's outputs.
+
+    ``stat_monitor`` (forecast only): the fitted monitor layer, whose ratio becomes the score.
+    """
     inputs = keras.Input((window, n_features), name="window")
     context = DropLastStep(name="context")(inputs) if task == "forecast" else inputs
     stacked = _stack(members, [m(context) for m in members], task, n_features)
     named = _combine(stacked, gate(inputs), inputs, task)
+    if stat_monitor is not None:
+        ratio = stat_monitor(inputs)
+        named["score"] = ratio
+        named["member_scores"] = keras.layers.Concatenate(name="with_monitor")(
+            [named["member_scores"], keras.layers.Reshape((1,), name="monitor_column")(ratio)])
+        named["weights"] = MonitorWeight(name="monitor_weight")(named["weights"])
     outputs = [keras.layers.Activation("linear", dtype="float32", name=n)(named[n]) for n in output_names(task)]
     return keras.Model(inputs, outputs, name="ensemble")
 

@@ -49,9 +49,9 @@ def test_windows_split_and_scaler_use_training_rows_only(tmp_path: Path) -> None
     table = data.load(_write_csv(tmp_path / "d.csv", cols), window=50)
     split = data.split(table, window=50, val_fraction=0.25)
     assert split.scaler.mean[0] == pytest.approx(149.5)
-    assert split.train.x.shape == (300 - 49, 50, 3) and split.val.x.shape == (100 - 49, 50, 3)
-    raw_val_start = split.val.x[0, 0, 0] * split.scaler.std[0] + split.scaler.mean[0]
-    assert raw_val_start == pytest.approx(300, abs=1e-3)  # validation windows start after the cut: no leakage
+    assert split.train.x.shape == (300 - 49, 50, 3) and split.val.x.shape == (100, 50, 3)
+    raw_val_targets = split.val.x[:, -1, 0] * split.scaler.std[0] + split.scaler.mean[0]
+    assert raw_val_targets.min() == pytest.approx(300, abs=1e-3)  # no validation target was a training row
     w = data.windows(np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10.0), window=4, stride=3)
     assert w.x.shape == (3, 4, 2) and w.x[1, 0, 0] == 6 and list(w.y) == [3, 6, 9]
     events = np.array([0, 0, 0, 0, 1, 1, 1, 0, 0, 0.0])

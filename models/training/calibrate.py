@@ -57,6 +57,14 @@ def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, t
     return Thresholds(alert=alert, close=CLOSE_RATIO * alert, critical=alert + CRITICAL_Z * cal["std"], method=method)
 
 
+def monitor_thresholds(scores: np.ndarray, y: np.ndarray | None) -> Thresholds:
+    """The statistical monitor's score is a ratio to limits it set on training data itself: alert at 1."""
+    cal = calibration(scores, normal_mask("forecast", len(scores), y))
+    return Thresholds(alert=1.0, close=CLOSE_RATIO, critical=1.0 + CRITICAL_Z * cal["std"],
+                      method="statistical monitor: limits at the 0.999 quantile of 5-fold out-of-fold training "
+                             "windows, times a split-half margin for drift; alert at ratio 1")
+
+
 def score_metrics(task: Task, scores: np.ndarray, y: np.ndarray | None, thresholds: Thresholds,
                   delay_alert_min: float = 5.0) -> dict[str, float]:
     """ROC-AUC, PR-AUC and F1 at the alert threshold where labels allow; MAE/RMSE for regression."""

@@ -137,7 +137,7 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
     counts = np.bincount(codes)
     if counts.max(initial=0) < window:
         raise UsageError(f"{path.name} has at most {counts.max(initial=0)} rows per entity, fewer than one window "
-                         f"of {window}")
+                         f"of {window} (training needs {min_rows(window)})")
     return Table(feature_names=cmap.features, x=x.astype(np.float32), y=y, entity=codes,
                  entity_names=entity_names, fingerprint=sha256_file(path))
 
@@ -174,26 +174,41 @@ def _concat(parts: list[Windows]) -> Windows:
     return Windows(np.concatenate([p.x for p in parts]), np.concatenate(ys) if ys else None)
 
 
+MIN_WINDOWS_OF_ROWS = 3  # the shortest history train accepts: 3 windows of rows (300 at window 100)
+
+
+def min_rows(window: int) -> int:
+    """Rows of one entity that training needs at this window length."""
+    return MIN_WINDOWS_OF_ROWS * window
+
+
 def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: int = 1,
           val_stride: int | None = None, event_stride: int | None = None) -> Split:
     """Per-entity time split: the first ``1 - val_fraction`` of each entity's rows train, the rest validate.
 
-    Windows never straddle the boundary (no leakage); the scaler sees training rows only. ``event_stride`` keeps
-    event windows in the training split more densely than ``stride`` (validation stays unbiased).
+    A validation window is one whose last step (its target and label) lies in the validation rows; its
+    context may reach back into training rows, so a short history still yields one validation window per
+    validation row. The scaler sees training rows only. ``event_stride`` keeps event windows in the training
+    split more densely than ``stride`` (validation stays unbiased).
     """
     n = len(table.x)
     starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1]
     bounds = list(zip(starts, np.r_[starts[1:], n]))
+    longest = max(e - s for s, e in bounds)
+    if longest < min_rows(window):
+        raise UsageError(f"too few rows: training with {window}-step windows needs at least {min_rows(window)} rows "
+                         f"of one entity ({MIN_WINDOWS_OF_ROWS} windows); the longest entity has {longest} "
+                         f"(try a shorter --window)")
     cuts = [(s, s + int(round((e - s) * (1 - val_fraction))), e) for s, e in bounds]
+    cuts = [(s, c, e) for s, c, e in cuts if c - s >= window]  # too short to train on: left out
     train_rows = np.concatenate([np.arange(s, c) for s, c, _ in cuts])
     scaler = fit_scaler(table.x[train_rows])
     xs = apply_scaler(table.x, scaler)
     y = table.y
     train = [windows(xs[s:c], None if y is None else y[s:c], window, stride, event_stride) for s, c, _ in cuts]
-    val = [windows(xs[c:e], None if y is None else y[c:e], window, val_stride or stride) for _, c, e in cuts]
+    val = [windows(xs[c - window + 1:e], None if y is None else y[c - window + 1:e], window, val_stride or stride)
+           for _, c, e in cuts]
     tr, va = _concat(train), _concat(val)
-    if len(tr.x) == 0 or len(va.x) == 0:
-        need = int(window / min(val_fraction, 1 - val_fraction))
-        raise UsageError(f"too few rows for a train/validation split with {window}-step windows and validation "
-                         f"fraction {val_fraction}: an entity needs more than {need} rows")
+    if len(va.x) == 0:
+        raise UsageError(f"no validation rows with validation fraction {val_fraction}: raise --val-fraction")
     return Split(train=tr, val=va, scaler=scaler, feature_names=table.feature_names)

@@ -30,6 +30,7 @@ from fabwatch.export.runtime import create_session
 from fabwatch.models.training import calibrate, data
 from fabwatch.models import ensemble
 from fabwatch.models.common import Size, Task, prediction_loss
+from fabwatch.models.members import monitor
 from fabwatch.models.tf import keras, tf
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class TrainConfig(BaseModel):
     task: Task = "classify"
     label_col: str | None = "label"
     features: list[str] | None = None
+    ts_col: str | None = None
+    entity_col: str | None = None
+    entity: str | None = Field(None, description="the entity of a file without an entity column")
     size: Size = "full"
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -209,7 +213,8 @@ def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float
 def train(cfg: TrainConfig) -> TrainResult:
     """Load, split, fit, export, calibrate on the exported graph, commit (and promote)."""
     started = time.perf_counter()
-    table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window)
+    table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window,
+                      ts_col=cfg.ts_col, entity_col=cfg.entity_col, entity=cfg.entity)
     # supervised: event windows train at a quarter of the stride (short events are rare at a sparse stride)
     split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1,
                        event_stride=None if cfg.task == "forecast" else max(1, cfg.stride // 4))
@@ -220,11 +225,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     target = ((float(split.train.y.mean()), float(split.train.y.std() or 1.0)) if cfg.task == "regress"
               else (0.0, 1.0))
     model, report = fit_ensemble(split, cfg, target)
+    extra: dict[str, Any] = {}
+    if cfg.task == "forecast":
+        model, extra["monitor"] = _add_monitor(model, table, split, cfg.window)
     manifest = Manifest(
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
-        scaler=split.scaler, members=list(ensemble.MEMBERS), data_fingerprint=table.fingerprint,
+        scaler=split.scaler, members=ensemble.member_names(cfg.task), data_fingerprint=table.fingerprint,
         metrics={"training": report},
-        extra={"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
+        extra=extra | {"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
                "target": {"mean": target[0], "std": target[1]}})
     registry = Registry(cfg.registry)
     version, _ = write_version(model, manifest, registry, fp16=cfg.fp16, promote=False,
@@ -239,6 +247,27 @@ def train(cfg: TrainConfig) -> TrainResult:
                        seconds=time.perf_counter() - started)
 
 
+def _add_monitor(model: keras.Model, table: data.Table, split: data.Split,
+                 window: int) -> tuple[keras.Model, dict[str, Any]]:
+    """Fit the statistical monitor on every row (it holds its own rows out: out-of-fold limits, split-half
+    margins) and wire it into the ensemble as the forecast task's score."""
+    started = time.perf_counter()
+    scaled = data.apply_scaler(table.x, split.scaler)
+    starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1, len(scaled)]
+    segments = [scaled[s:e].astype(np.float64) for s, e in zip(starts[:-1], starts[1:])]
+    try:
+        params = monitor.fit(segments, window)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (try a shorter --window)") from None
+    members, gate = ensemble.members_of(model)
+    model = ensemble.assemble(members, gate, window, len(split.feature_names), "forecast", monitor.layer(params))
+    summary = {"statistics": params.names, "components": len(params.p[0]), "margins": params.margin,
+               "limit_quantile": monitor.LIMIT_QUANTILE, "folds": monitor.FOLDS, "rows": int(len(scaled)),
+               "seconds": round(time.perf_counter() - started, 2)}
+    log.info("statistical monitor: %s", summary)
+    return model, summary
+
+
 def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg: TrainConfig) -> None:
     """Thresholds, calibration, validation metrics and the quality verdict from the exported graph's own scores."""
     val = split.val
@@ -246,8 +275,11 @@ def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg:
     outs = [session.run(["score", "member_scores"], {"window": val.x[i:i + 1024]}) for i in range(0, len(val.x), 1024)]
     score = np.concatenate([o[0] for o in outs]).reshape(-1)
     member_scores = np.concatenate([o[1] for o in outs])
-    manifest.thresholds = calibrate.choose_thresholds(cfg.task, score, val.y, target_far=cfg.target_far,
-                                                      delay_alert_min=cfg.delay_alert_min)
+    if monitor.NAME in manifest.members:
+        manifest.thresholds = calibrate.monitor_thresholds(score, val.y)
+    else:
+        manifest.thresholds = calibrate.choose_thresholds(cfg.task, score, val.y, target_far=cfg.target_far,
+                                                          delay_alert_min=cfg.delay_alert_min)
     normal = calibrate.normal_mask(cfg.task, len(score), val.y, cfg.delay_alert_min)
     manifest.calibration = calibrate.calibration(score, normal)
     manifest.metrics.update(calibrate.score_metrics(cfg.task, score, val.y, manifest.thresholds, cfg.delay_alert_min))

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, RegistryOpt, TsColOpt, emit
+from fabwatch.stream.cli.options import (EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, RegistryOpt, TsColOpt, dataset_dir,
+                                         emit, require_extra)
 
 TASKS = ("classify", "regress", "forecast")
 SIZES = ("full", "small", "tiny")
@@ -75,8 +76,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
           fp16: Annotated[bool, typer.Option("--fp16", help="also write model.fp16.onnx")] = False,
           no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
           warm_start: Annotated[bool, typer.Option("--warm-start", help="start from the current version")] = False,
+          force: Annotated[bool, typer.Option("--force", help="promote even a model no better than chance or "
+                                                             "a simple baseline on its validation data")] = False,
           as_json: JsonFlag = False) -> None:
-    """Train the ensemble, export it to ONNX, commit it to the registry and promote it."""
+    """Train the ensemble, export it to ONNX, commit it to the registry and promote it (unless its validation
+    shows it no better than chance or a simple baseline: then it is committed, not promoted, and says why)."""
     from pydantic import ValidationError
 
     _choice(task, TASKS, "--task")
@@ -89,7 +93,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
 
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
-               "promote": not no_promote, "warm_start": warm_start,
+               "promote": not no_promote, "warm_start": warm_start, "force": force,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
                                         nan_tolerance=nan_tolerance, target_far=target_far, window=window,
@@ -108,7 +112,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     auc = m.metrics.get("roc_auc")
     emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
                             f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
-                            + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}")
+                            + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}\n"
+                            + f"quality: {m.metrics['quality']['reason']}")
 
 
 def export(registry: RegistryOpt,
@@ -294,6 +299,37 @@ def bench_retrain(windows: Annotated[str, typer.Option(help="comma-separated tra
     emit(result, as_json, "\n".join(lines))
 
 
+def bench_tep(data_dir: Annotated[Optional[Path], typer.Option(
+                  "--data-dir", help="the Tennessee Eastman files (default: $FABWATCH_DATASETS/tep, else "
+                  "../shared/datasets/tep)")] = None,
+              windows: Annotated[str, typer.Option(help="comma-separated window lengths (samples of 3 min)")] = "100,30",
+              supervised: Annotated[bool, typer.Option(help="also the supervised table")] = True,
+              size: Annotated[str, typer.Option(help="full | small | tiny (the neural members)")] = "small",
+              as_json: JsonFlag = False) -> None:
+    """Fault detection on the Tennessee Eastman process by the data set's protocol: false-alarm rate, detection
+    rate per fault and delay, for fabwatch (thresholds from training data only) and for PCA / DPCA."""
+    require_extra("eval", "sklearn")
+    _choice(size, SIZES, "--size")
+    _log_to_stderr()
+    from fabwatch.models.bench.tep import run
+    from fabwatch.stream.bench.kafka import machine_info
+
+    try:
+        lengths = [int(w) for w in windows.split(",")]
+    except ValueError:
+        raise UsageError(f"--windows must be comma-separated integers, got {windows!r}") from None
+    result = {"machine": machine_info(), **run(dataset_dir("tep", data_dir), lengths, supervised, size,
+                                               progress=lambda step: logging.getLogger(__name__).info("%s", step))}
+    rows = [(name, f) for name, f in result["baselines"].items()]
+    rows += [(f"fabwatch {task}, window {w}", f) for task in ("unsupervised", "supervised")
+             for w, f in result[task].items()]
+    lines = [result["machine"]["command"], f"{'method':<40} {'FAR d00_te':>10} {'FAR 1..160':>10} {'FDR 18':>7} "
+             f"{'FDR 21':>7}"]
+    lines += [f"{name:<40} {f['far_d00_te']:>10.1%} {f['far_fault_runs_1_160'] or 0:>10.1%} {f['mean_fdr_18']:>7.3f} "
+              f"{f['mean_fdr_21']:>7.3f}" for name, f in rows]
+    emit(result, as_json, "\n".join(lines))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
     app.command("synth")(synth)
@@ -309,3 +345,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(registry_app, name="registry")
     bench_app.command("inference")(bench_inference)
     bench_app.command("retrain")(bench_retrain)
+    bench_app.command("tep")(bench_tep)
