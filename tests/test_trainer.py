@@ -186,6 +186,56 @@ def test_sigkill_during_promotion_leaves_the_registry_consistent(settings: Setti
     ScoringModel.from_registry(registry)
 
 
+MAX_POLL_S = 10  # the store consumer's max.poll.interval.ms in the next test, in seconds
+
+
+def test_a_retrain_longer_than_the_poll_interval_keeps_the_group_and_the_store_whole(
+        settings: Settings, serving: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture):
+    """Issue #20: two --every cycles whose training outlasts max.poll.interval.ms (10 s here, 5 min by
+    default); readings arrive during the first. Both decisions are recorded, the second cycle trains on
+    what arrived meanwhile, the store holds each reading once, and closing commits without error."""
+    registry = _copy(serving, tmp_path)
+    ensure_topics(settings, [settings.topics.sensors, settings.topics.models])
+    before = _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=9))
+    shift = STEPS * synth.STEP_MS
+    during = [{**r, "ts": r["ts"] + shift} for r in _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=10))]
+    produce(settings, settings.topics.sensors, before)
+
+    from fabwatch.models.training import train as train_module
+
+    real_train = train_module.train
+    calls: list[float] = []
+
+    def slow_train(cfg: train_module.TrainConfig) -> train_module.TrainResult:
+        """TensorFlow holds the trainer's thread past the poll interval; readings keep arriving."""
+        if not calls:
+            produce(settings, settings.topics.sensors, during)
+        calls.append(time.monotonic())
+        time.sleep(MAX_POLL_S + 5)
+        return real_train(cfg)
+
+    monkeypatch.setattr(train_module, "train", slow_train)
+    # session.timeout.ms may not exceed max.poll.interval.ms; 6 s is the broker's minimum
+    short_poll = settings.model_copy(update={"kafka_options": {"max.poll.interval.ms": str(MAX_POLL_S * 1000),
+                                                               "session.timeout.ms": "6000"}})
+    decisions = registry / "decisions.jsonl"
+    trainer = _trainer(short_poll, registry, tmp_path, margin=1.0)
+    try:
+        trainer.run(every_s=10, stop=lambda: decisions.exists() and len(decisions.read_text().splitlines()) >= 2)
+    finally:
+        trainer.close()  # the old trainer died here: Commit failed: Local: Group partition assignment lost
+
+    first, second = [json.loads(line) for line in decisions.read_text().splitlines()]
+    assert len(calls) == 2 and first["duration_s"] > MAX_POLL_S and second["duration_s"] > MAX_POLL_S
+    assert first["decision"] == second["decision"] == "promoted", (first, second)
+    assert first["store_rows"] == len(before)
+    assert second["store_rows"] == len(before) + len(during)  # ingested after the first retrain
+    store = ReadingStore(tmp_path / "store", synth.FEATURES)
+    assert store.rows() == store.load().num_rows == len(before) + len(during)  # every reading, each once
+    assert not [r.getMessage() for r in caplog.records if r.name == "fabwatch.store"]  # never _MAX_POLL_EXCEEDED
+
+
 def test_two_trainers_cannot_promote_at_once(tmp_path: Path):
     first, second = TrainerLock(tmp_path), TrainerLock(tmp_path)
     assert first.acquire()

@@ -137,16 +137,21 @@ class ReadingStore:
 
 
 class StoreWriter:
-    """Consume readings into a ReadingStore with its own consumer group; commit after each durable file."""
+    """Consume readings into a ReadingStore with its own consumer group; commit after each durable file.
+
+    ``poll_once`` must run at least every ``max.poll.interval.ms`` or the group takes the partitions
+    away and the next commit fails; a caller that blocks longer closes the writer first and opens a
+    new one afterwards, which resumes from the committed offsets."""
 
     def __init__(self, settings: Settings, store: ReadingStore, group_id: str = "fabwatch-trainer-store",
-                 flush_rows: int = 50_000, flush_interval_s: float = 30.0):
+                 flush_rows: int = 50_000, flush_interval_s: float = 30.0, stats: StoreStats | None = None):
+        """``stats``: counters to carry on from an earlier writer of the same store."""
         self.settings = settings
         self.store = store
         self.decoder = ReadingDecoder(store.feature_names, settings.max_message_bytes)
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
-        self.stats = StoreStats()
+        self.stats = stats if stats is not None else StoreStats()
         self.consumer = Consumer(settings.client_config(**{
             "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "isolation.level": "read_committed"}))
@@ -199,5 +204,6 @@ class StoreWriter:
         self._reset_buffer()
 
     def close(self) -> None:
+        """Flush and commit, then leave the group (without auto-commit, close commits nothing itself)."""
         self.flush()
         self.consumer.close()

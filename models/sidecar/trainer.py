@@ -5,6 +5,17 @@ validation slice, and promote it atomically so running processors hot-reload.
 Safety: the registry only ever gains complete versions (stage, commit, rename) and ``current`` is
 switched atomically, so a SIGKILL at any moment leaves the serving model loadable; a lock file keeps
 two trainers from promoting at once (a lock whose process is gone, or that is too old, is stale).
+
+Ingest and training never share a poll loop. Training blocks the thread for minutes to hours, and a
+consumer not polled for ``max.poll.interval.ms`` (5 min by default) is put out of its group: its next
+commit fails with ``_ASSIGNMENT_LOST`` (issue #20). So before each retrain the store writer writes its
+buffer durably, commits synchronously and closes its consumer, leaving the group; after the retrain
+a new consumer resumes from the committed offsets. Every reading consumed is in a file before the
+commit and nothing is consumed after it, so none is lost or stored twice, and a closed consumer has
+no poll interval to exceed, whatever the retrain's length. Readings that arrive meanwhile wait in
+Kafka. Not chosen: a thread that keeps polling a paused consumer would keep the membership, but it
+must pause whatever a rebalance assigns and hand its errors to the trainer, all to save one group
+join (seconds) per retrain.
 """
 
 from __future__ import annotations
@@ -28,9 +39,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from fabwatch.export.errors import UsageError
 from fabwatch.export.registry import Registry, sha256_file
 from fabwatch.export.runtime import ScoringModel
+from fabwatch.models.sidecar.store import ReadingStore, StoreStats, StoreWriter
 from fabwatch.models.training.metrics import average_precision
 from fabwatch.stream.kafka.config import Settings
-from fabwatch.models.sidecar.store import ReadingStore, StoreWriter
 
 log = logging.getLogger("fabwatch.trainer")
 
@@ -191,31 +202,49 @@ class Trainer:
         vdir, manifest = self.registry.resolve()  # a trainer improves a serving model: one must exist
         self.store = ReadingStore(options.store, manifest.feature_names)
         self.metrics = metrics or TrainerMetrics()
+        self.store_stats = StoreStats()  # over every writer: one per stretch between retrains
         self.writer: StoreWriter | None = None
         self._skipped_reported = 0
 
+    def _open_writer(self) -> StoreWriter:
+        """The store writer, joining the group (from the committed offsets) if it is closed."""
+        if self.writer is None:
+            self.writer = StoreWriter(self.settings, self.store, flush_interval_s=30.0, stats=self.store_stats)
+        return self.writer
+
+    def _close_writer(self) -> None:
+        """Store what was read, commit it, and leave the group (before a retrain, and at the end)."""
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        writer.close()
+        self._report_store()
+
+    def _report_store(self) -> None:
+        self.metrics.skipped.inc(self.store_stats.skipped_invalid - self._skipped_reported)
+        self._skipped_reported = self.store_stats.skipped_invalid
+        self.metrics.store_rows.set(self.store.rows())
+
     def ingest(self, idle_s: float = 3.0, max_s: float = 600.0) -> int:
         """Read the sensor topic into the store until it stays idle for ``idle_s``."""
-        if self.writer is None:
-            self.writer = StoreWriter(self.settings, self.store, flush_interval_s=30.0)
-        before = self.writer.stats.rows_written
+        writer = self._open_writer()
+        before = self.store_stats.rows_written
         deadline, last_rows, last_change = time.monotonic() + max_s, -1, time.monotonic()
         while time.monotonic() < deadline:
-            buffered = self.writer.poll_once(0.5)
-            if not self.writer.assigned():  # joining the group is not idleness
+            buffered = writer.poll_once(0.5)
+            if not writer.assigned():  # joining the group is not idleness
                 last_change = time.monotonic()
             elif buffered != last_rows:
                 last_rows, last_change = buffered, time.monotonic()
             elif time.monotonic() - last_change > idle_s:
                 break
-        self.writer.flush()
-        self.metrics.skipped.inc(self.writer.stats.skipped_invalid - self._skipped_reported)
-        self._skipped_reported = self.writer.stats.skipped_invalid
-        self.metrics.store_rows.set(self.store.rows())
-        return self.writer.stats.rows_written - before
+        writer.flush()
+        self._report_store()
+        return self.store_stats.rows_written - before
 
     def retrain_once(self) -> dict:
-        """Retrain, gate, and promote or reject; every decision is appended to ``decisions.jsonl``."""
+        """Retrain, gate, and promote or reject; every decision is appended to ``decisions.jsonl``.
+        The store's consumer is closed first (see the module docstring); ``ingest`` or ``run`` reopens it."""
         lock = TrainerLock(self.options.registry)
         if not lock.acquire():
             record = {"decision": "skipped", "reason": f"another trainer holds {lock.path}"}
@@ -223,6 +252,7 @@ class Trainer:
             return record
         started = time.time()
         try:
+            self._close_writer()
             record = self._retrain()
         finally:
             lock.release()
@@ -312,16 +342,14 @@ class Trainer:
         next_at = due_after(datetime.now(timezone.utc))
         log.info("next retrain at %s", next_at.isoformat(timespec="seconds"))
         while not stop():
-            self.writer.poll_once(1.0)
+            self._open_writer().poll_once(1.0)
             if datetime.now(timezone.utc) >= next_at:
-                self.writer.flush()
                 self.retrain_once()
                 next_at = due_after(datetime.now(timezone.utc))
                 log.info("next retrain at %s", next_at.isoformat(timespec="seconds"))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self._close_writer()
 
 
 def serve_metrics(metrics: TrainerMetrics, port: int) -> None:
