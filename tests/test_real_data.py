@@ -85,6 +85,15 @@ def test_rig_file_reads_the_same_for_train_and_for_evaluate_and_replay(tmp_path:
     assert data.load(path, label_col=None, task="forecast", entity="rig-7").entity_names == ["rig-7"]
 
 
+def test_semicolon_separated_export_reads_like_a_comma_separated_one(tmp_path: Path) -> None:
+    comma = rig_csv(tmp_path / "rig.csv", rows=20)
+    semicolon = tmp_path / "rig-eu.csv"
+    semicolon.write_text(comma.read_text().replace(",", ";"))
+    a, b = load_records(comma), load_records(semicolon)
+    assert a.feature_names == b.feature_names and a.ts.tolist() == b.ts.tolist()
+    np.testing.assert_array_equal(a.values, b.values)
+
+
 def test_timestamp_units_are_decided_once_per_column() -> None:
     def ms(values) -> list[int]:
         out, ok = timestamps_ms(pa.chunked_array([pa.array(values)]))

@@ -38,6 +38,13 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
+def csv_delimiter(path: Path) -> str:
+    """Comma, semicolon (European exports), tab or pipe: whichever the header line splits on most."""
+    with open(path, newline="", errors="replace") as f:
+        header = f.readline()
+    return max(",;\t|", key=header.count)
+
+
 def read_table(path: Path | str, fmt: str | None = None) -> pa.Table:
     """Read a whole file; an unreadable or empty file is a one-line UsageError."""
     path = Path(path)
@@ -52,7 +59,7 @@ def read_table(path: Path | str, fmt: str | None = None) -> pa.Table:
         elif fmt == "csv":
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(path)
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=csv_delimiter(path)))
         elif fmt == "jsonl":
             import pyarrow.json as pajson
 
