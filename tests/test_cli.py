@@ -35,3 +35,14 @@ def test_version_and_missing_dataset(tmp_path: Path) -> None:
     assert version.returncode == 0 and version.stdout.startswith("fabwatch 0.")
     missing = _fabwatch("bench", "logs", env={"FABWATCH_DATASETS": str(tmp_path)}, cwd=tmp_path)
     assert missing.returncode == 2 and "--data-dir" in missing.stderr
+
+
+def test_kafka_options_take_json_numbers_and_booleans(monkeypatch) -> None:
+    from confluent_kafka import Consumer
+
+    from fabwatch.stream.kafka.config import Settings
+
+    monkeypatch.setenv("FABWATCH_KAFKA_OPTIONS", '{"fetch.min.bytes": 1, "enable.partition.eof": true}')
+    conf = Settings(bootstrap="127.0.0.1:9").client_config()
+    assert conf["fetch.min.bytes"] == 1 and conf["enable.partition.eof"] is True
+    Consumer({**conf, "group.id": "g"}).close()  # librdkafka takes them as they are

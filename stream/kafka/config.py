@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: SecretStr | None = None
-    kafka_options: dict[str, str] = Field(default_factory=dict, description="extra librdkafka properties")
+    kafka_options: dict[str, str | bool | int | float] = Field(
+        default_factory=dict, description="extra librdkafka properties as JSON: strings, numbers or booleans")
 
     topics: TopicNames = Field(default_factory=TopicNames)
 
