@@ -30,7 +30,7 @@ def test_limits_from_a_short_history_hold_on_another_seed() -> None:
 
 def test_margins_widen_limits_only_where_halves_disagree() -> None:
     params = monitor.fit(_segments(seed=1, entities=4, steps=400), window=30)
-    assert params.names == ["M5", "M20", "M30", "D20", "D29", "Q1", "Q5", "Q20"]
+    assert params.names == ["M5", "M20", "M30", "D20", "D29", "Q1", "Q5", "Q20", "S20", "S29"]
     assert min(params.margin) >= 1.0 and max(params.margin) > 1.0
     in_sample = monitor._fit_limits(_segments(seed=1, entities=4, steps=400), 30, monitor.FOLDS)
     unseen = _segments(seed=2, entities=4, steps=2000)
@@ -39,7 +39,7 @@ def test_margins_widen_limits_only_where_halves_disagree() -> None:
         (monitor.ratios(params, monitor.statistics_of(params, unseen)).max(axis=1) > 1).mean()
 
 
-@pytest.mark.parametrize("fault", ["level", "variability", "correlation"])
+@pytest.mark.parametrize("fault", ["level", "variability", "stuck", "correlation"])
 def test_faults_pass_the_limit(fault: str) -> None:
     train = _segments(seed=1, entities=4, steps=600)
     params = monitor.fit(train, window=30)
@@ -49,6 +49,8 @@ def test_faults_pass_the_limit(fault: str) -> None:
         window[-20:, 3] += 4 * sd[3]
     elif fault == "variability":  # one feature jitters 6 times its usual step for the whole window
         window[:, 5] += np.random.default_rng(0).standard_normal(30) * 6 * sd[5]
+    elif fault == "stuck":        # one sensor freezes at its value for the whole window
+        window[:, 2] = window[0, 2]
     else:                          # two features swapped: each level plausible, their relation broken
         window[-10:, [0, 7]] = window[-10:, [7, 0]]
     assert monitor.score_windows(params, window[None])[0] > 1

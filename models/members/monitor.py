@@ -13,7 +13,8 @@ false alarms on the next normal day). Per step of the window, on features standa
 Over the last ``k`` steps of the window, one statistic per scale:
 
 - ``M_k = max_j |mean_k z_j| / sM_kj``, k in {5, 20, W}: a mean shift of any feature;
-- ``D_k = max_j (log(mean_k g_j + 0.05) - mD_kj) / sD_kj``, k in {20, W-1}: a change of variability;
+- ``D_k = max_j (log(mean_k g_j + 0.05) - mD_kj) / sD_kj``, k in {20, W-1}: more variability than normal;
+- ``S_k = max_j (mD_kj - log(mean_k g_j + 0.05)) / sD_kj``, same k: less (a stuck valve or sensor);
 - ``Q_k = mean_k SPE``, k in {1, 5, 20}.
 
 Each statistic ``s`` becomes ``r_s = (s - med_s) / ((hi_s - med_s) * m_s)`` and the score is ``max_s r_s``:
@@ -130,16 +131,20 @@ def _concat_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _reduce(raw: dict[str, np.ndarray], params: MonitorParams) -> np.ndarray:
-    """Raw statistics -> one value per statistic and window [N, S], before med/hi/margin."""
-    cols, mi, di = [], 0, 0
+    """Raw statistics -> one value per statistic and window [N, S], before med/hi/margin. ``S_k`` reads the raw
+    ``D_k`` and its normalisation, in the other direction."""
+    diff_index = {name: i for i, name in enumerate(n for n in params.names if n[0] == "D")}
+    cols, mi = [], 0
     for name in params.names:
-        v = raw[name]
         if name[0] == "M":
-            v = np.max(np.abs(v) / np.asarray(params.mean_scale[mi]), axis=1)
+            v = np.max(np.abs(raw[name]) / np.asarray(params.mean_scale[mi]), axis=1)
             mi += 1
-        elif name[0] == "D":
-            v = np.max((v - np.asarray(params.diff_center[di])) / np.asarray(params.diff_scale[di]), axis=1)
-            di += 1
+        elif name[0] in "DS":
+            i = diff_index["D" + name[1:]]
+            shift = (raw["D" + name[1:]] - np.asarray(params.diff_center[i])) / np.asarray(params.diff_scale[i])
+            v = np.max(shift if name[0] == "D" else -shift, axis=1)
+        else:
+            v = raw[name]
         cols.append(v)
     return np.stack(cols, axis=1)
 
@@ -178,7 +183,7 @@ def _fit_limits(segments: list[np.ndarray], window: int, folds: int) -> MonitorP
     params = MonitorParams(window=window, mu=basis.mu.tolist(), sd=basis.sd.tolist(), delta=basis.delta.tolist(),
                            p=basis.p.tolist())
     raw = _oof_statistics(segments, window, folds)
-    params.names = list(raw)
+    params.names = list(raw) + [f"S{k}" for k in scales(window)["diff"]]
     for name, v in raw.items():
         if name[0] == "M":
             params.mean_scale.append(np.maximum(np.sqrt(np.mean(v ** 2, axis=0)), 1e-9).tolist())
@@ -242,16 +247,18 @@ class StatMonitor(keras.layers.Layer):
         basis = const(p.p)
         resid = z - tf.matmul(tf.matmul(z, basis), tf.transpose(basis))
         spe = tf.reduce_sum(tf.square(resid), axis=-1)
-        values, mi, di = [], 0, 0
+        diff_index = {name[1:]: i for i, name in enumerate(n for n in p.names if n[0] == "D")}
+        values, mi = [], 0
         for name in p.names:
             k = int(name[1:])
             if name[0] == "M":
                 v = tf.reduce_max(tf.abs(tf.reduce_mean(z[:, -k:, :], axis=1)) / const(p.mean_scale[mi]), axis=-1)
                 mi += 1
-            elif name[0] == "D":
+            elif name[0] in "DS":
+                i = diff_index[name[1:]]
                 d = tf.math.log(tf.reduce_mean(g[:, -k:, :], axis=1) + EPS_LOG)
-                v = tf.reduce_max((d - const(p.diff_center[di])) / const(p.diff_scale[di]), axis=-1)
-                di += 1
+                shift = (d - const(p.diff_center[i])) / const(p.diff_scale[i])
+                v = tf.reduce_max(shift if name[0] == "D" else -shift, axis=-1)
             else:
                 v = tf.reduce_mean(spe[:, -k:], axis=1)
             values.append(v)
