@@ -116,3 +116,24 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions: in
     finally:
         c.close()
     return {tp.partition: tp.offset for tp in got}
+
+
+def replay_and_serve(settings: Settings, data: Path, registry: Path, group: str, expected: int,
+                     log_path: Path, timeout_s: float = 120.0) -> set[str]:
+    """``fabwatch replay`` a file into the sensor topic, run ``fabwatch serve`` until ``expected`` alerts are out
+    (or the timeout), stop it cleanly, and return the alert ids it published."""
+    from fabwatch.stream.kafka.topics import ensure_topics
+    from fabwatch.stream.schemas import Alert
+
+    ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.dlq], partitions=3)
+    replay = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "replay", str(data), "--topic",
+                             settings.topics.sensors, "--max-speed", "--json"], capture_output=True, text=True,
+                            env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.resolve_bootstrap()}, timeout=120)
+    assert replay.returncode == 0, replay.stderr
+    proc = start_serve(settings, registry, "--group", group, log_path=log_path)
+    try:
+        wait_for(lambda: len(read_all(settings, settings.topics.alerts, idle_s=1.0)) >= expected,
+                 timeout_s=timeout_s, what="the processor's alerts")
+    finally:
+        assert stop(proc) == 0, log_path.read_text()[-2000:]
+    return {Alert.model_validate(orjson.loads(v)).alert_id for v in read_all(settings, settings.topics.alerts)}

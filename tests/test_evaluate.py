@@ -10,15 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import orjson
 import pytest
 
 from onnx_fixtures import feature_names, make_registry, readings
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.offline.evaluate import evaluate_file
-from fabwatch.stream.schemas import Alert
-from fabwatch.stream.kafka.topics import ensure_topics
-from stream_helpers import read_all, start_serve, stop, wait_for
+from stream_helpers import replay_and_serve
 
 T0 = 1_700_000_000_000
 SPIKES = {"E00": [150, 260], "E03": [220]}
@@ -94,22 +91,11 @@ def test_live_replay_yields_exactly_the_offline_alert_ids(settings: Settings, re
     offline = {a.alert_id for a in evaluate_file(registry, data).alerts}
     assert len(offline) >= 3
 
-    ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.dlq], partitions=3)
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.resolve_bootstrap()}
-    replay = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "replay", str(data), "--topic",
-                             settings.topics.sensors, "--max-speed", "--json"], capture_output=True, text=True,
-                            env=env, timeout=120)
-    assert replay.returncode == 0, replay.stderr
-    log = tmp_path / "serve.log"
-    proc = start_serve(settings, registry, "--group", "replay-check", log_path=log)
-    try:
-        wait_for(lambda: len(read_all(settings, settings.topics.alerts, idle_s=1.0)) >= len(offline),
-                 timeout_s=90, what="the processor's alerts")
-    finally:
-        assert stop(proc) == 0, log.read_text()[-2000:]
-    live = {Alert.model_validate(orjson.loads(v)).alert_id for v in read_all(settings, settings.topics.alerts)}
+    live = replay_and_serve(settings, data, registry, "replay-check", len(offline), tmp_path / "serve.log",
+                            timeout_s=90)
     assert live == offline
 
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.resolve_bootstrap()}
     compare = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "evaluate", "--registry", str(registry), "--data",
                               str(data), "--from-topic", settings.topics.alerts, "--json"], capture_output=True,
                              text=True, env=env, timeout=120)

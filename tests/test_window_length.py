@@ -16,11 +16,9 @@ import pytest
 from fabwatch.export.registry import Registry
 from fabwatch.models.training import synth
 from fabwatch.stream.kafka.config import Settings
-from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.offline.evaluate import evaluate_file
-from fabwatch.stream.schemas import Alert
 from onnx_fixtures import feature_names, make_registry, readings
-from stream_helpers import read_all, start_serve, stop, wait_for
+from stream_helpers import replay_and_serve
 
 WINDOW = 30
 
@@ -78,16 +76,5 @@ def test_window_30_model_serves_the_alert_ids_of_evaluate(window_model: tuple[Pa
     offline = {a.alert_id for a in evaluate_file(registry, data).alerts}
     assert offline
 
-    ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.dlq], partitions=3)
-    replay = _fabwatch("replay", str(data), "--topic", settings.topics.sensors, "--max-speed", "--json",
-                       env={"KAFKA_BOOTSTRAP_SERVERS": settings.resolve_bootstrap()})
-    assert replay.returncode == 0, replay.stderr
-    log = tmp_path / "serve.log"
-    proc = start_serve(settings, registry, "--group", "window-30", log_path=log)
-    try:
-        wait_for(lambda: len(read_all(settings, settings.topics.alerts, idle_s=1.0)) >= len(offline),
-                 timeout_s=120, what="the processor's alerts")
-    finally:
-        assert stop(proc) == 0, log.read_text()[-2000:]
-    live = {Alert.model_validate(orjson.loads(v)).alert_id for v in read_all(settings, settings.topics.alerts)}
+    live = replay_and_serve(settings, data, registry, "window-30", len(offline), tmp_path / "serve.log")
     assert live == offline
