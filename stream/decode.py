@@ -14,11 +14,10 @@ from typing import Sequence
 import numpy as np
 import orjson
 
-from fabwatch.stream.schemas import ReadingDecoder, Rejected, RejectReason
+from fabwatch.stream.schemas import MAX_TS_MS, ReadingDecoder, Rejected, RejectReason
 
 _NUMBER = {int, float}
 _FAST_KEYS = {"entity", "ts", "values"}
-MAX_TS_MS = 1 << 45  # the window store's limit (year 3084)
 
 
 @dataclass

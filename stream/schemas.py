@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 
@@ -51,21 +52,53 @@ def parse_timestamp_ms(value: Any) -> int:
     raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601")
 
 
-class Reading(BaseModel):
-    """One sensor reading. Either ``values`` (in the model's feature order) or ``features`` (by name)."""
+MAX_TS_MS = 1 << 45  # the window store's limit (year 3084)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # windows are float32: a larger value is non_finite
+# The ISO-8601 profile of a reading's ``ts``, as a JSON Schema (ECMA-262) pattern: a calendar date from 1970 to
+# 3083, optionally a time (``T`` or a space; seconds and their fraction optional) and ``Z`` or ``+HH:MM`` (none
+# means UTC). ``fromisoformat`` alone takes more (week dates, the basic format, where "19700101" reads as a date
+# and not as an epoch), so the decoder checks this pattern too and the published schema is exact.
+ISO_TS_PATTERN = (r"^(19[7-9][0-9]|2[0-9]{3}|30[0-7][0-9]|308[0-3])-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+                  r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?)?$")
+_ISO_TS = re.compile(ISO_TS_PATTERN)
+_READING_TS_SCHEMA = {
+    "description": "epoch milliseconds (a fraction is dropped) or ISO-8601 text (no offset means UTC), "
+                   f"from 1970 up to {MAX_TS_MS} ms (year 3084)",
+    "anyOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": MAX_TS_MS},
+              {"type": "string", "pattern": ISO_TS_PATTERN}],
+}
+_ONE_SHAPE_SCHEMA = {"oneOf": [{"required": ["values"], "properties": {"values": {"type": "array"}}},
+                               {"required": ["features"], "properties": {"features": {"type": "object"}}}]}
+FeatureValue = Annotated[Number, Field(allow_inf_nan=False,
+                                       json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX})]
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+class Reading(BaseModel):
+    """One sensor reading. Exactly one of ``values`` (in the model's feature order) or ``features`` (by name).
+
+    Its JSON Schema (``fabwatch schemas``) says what the decoder accepts; what only a model can judge (width,
+    feature names) and invalid calendar days (Feb 30) are the decoder's alone (``tests/test_schemas.py``).
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, json_schema_extra=_ONE_SHAPE_SCHEMA)
 
     entity: Annotated[str, Field(min_length=1, max_length=256)]
-    ts: int = Field(description="epoch milliseconds (ISO-8601 accepted on input)")
-    values: list[Annotated[Number, Field(allow_inf_nan=False)]] | None = None
-    features: dict[str, Annotated[Number, Field(allow_inf_nan=False)]] | None = None
-    label: Literal[0, 1] | None = None
+    ts: Annotated[int, WithJsonSchema(_READING_TS_SCHEMA)]
+    values: list[FeatureValue] | None = None
+    features: dict[str, FeatureValue] | None = None
+    label: Annotated[Literal[0, 1] | None, WithJsonSchema({"enum": [0, 1, False, True, None]})] = Field(
+        default=None, description="0/1 (or false/true), for evaluation only")
 
     @field_validator("ts", mode="before")
     @classmethod
     def _ts(cls, v: Any) -> int:
-        return parse_timestamp_ms(v)
+        if isinstance(v, str) and not _ISO_TS.fullmatch(v):
+            raise PydanticCustomError("bad_timestamp", "timestamp string is not ISO-8601 (YYYY-MM-DD[THH:MM[:SS[.f]]]"
+                                      "[Z|+HH:MM], 1970-3083): {value}", {"value": v[:64]})
+        ms = parse_timestamp_ms(v)
+        if ms >= MAX_TS_MS or ms < 0:  # an offset can take 1970-01-01 below zero
+            raise PydanticCustomError("bad_timestamp", "timestamp out of range")
+        return ms
 
     @model_validator(mode="after")
     def _one_shape(self) -> "Reading":

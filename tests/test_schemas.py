@@ -1,6 +1,7 @@
 """Reading validation: every bad input is rejected with its own reason code; both good shapes pass."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,89 @@ def test_committed_json_schemas_match_the_models(tmp_path):
     for generated in tmp_path.glob("*.json"):
         assert (committed / generated.name).read_text() == generated.read_text(), generated.name
     assert Alert.model_json_schema()["properties"]["kind"]["enum"] == ["anomaly", "delay", "spike", "log"]
+
+
+# ---- the published reading schema and the decoder agree ------------------------------------------
+# One table through both. Left out on purpose, because only the decoder can judge them:
+# - a width or feature names that differ from the model's (wrong_width, unknown_feature, missing_feature);
+# - a message over the size limit (too_large: a deployment setting, not a schema);
+# - calendar days that do not exist (2026-02-30): a pattern cannot know month lengths or leap years;
+# - 1970-01-01 with a positive offset (below epoch 0) and numbers just above float32's maximum that
+#   still round to it: arithmetic, not shape;
+# - NaN/Infinity literals and bytes that are not JSON: a JSON Schema validates JSON documents only;
+# - a ts string with a trailing newline: Python's ``re`` lets ``$`` match before it, ECMA-262 does not.
+V = '"values": [1, 2.5, -3]'
+CONTRACT = [
+    ("epoch ms", f'{{"entity": "OHT-017", "ts": 1790000000000, {V}}}', True),
+    ("epoch 0", f'{{"entity": "e", "ts": 0, {V}}}', True),
+    ("fractional ms", f'{{"entity": "e", "ts": 1790000000000.7, {V}}}', True),
+    ("exponent", f'{{"entity": "e", "ts": 1.79e12, {V}}}', True),
+    ("last ms before 2**45", f'{{"entity": "e", "ts": 35184372088831, {V}}}', True),
+    ("2**45", f'{{"entity": "e", "ts": 35184372088832, {V}}}', False),
+    ("huge int", f'{{"entity": "e", "ts": 100000000000000000000000, {V}}}', False),
+    ("1e400", f'{{"entity": "e", "ts": 1e400, {V}}}', False),
+    ("negative", f'{{"entity": "e", "ts": -5, {V}}}', False),
+    ("boolean ts", f'{{"entity": "e", "ts": true, {V}}}', False),
+    ("null ts", f'{{"entity": "e", "ts": null, {V}}}', False),
+    ("no ts", f'{{"entity": "e", {V}}}', False),
+    ("numeric string ts", f'{{"entity": "e", "ts": "1790000000000", {V}}}', False),
+    ("ISO Z", f'{{"entity": "e", "ts": "2026-11-23T10:00:00Z", {V}}}', True),
+    ("ISO offset", f'{{"entity": "e", "ts": "2026-11-23T10:00:00.123+05:30", {V}}}', True),
+    ("ISO naive, space, minutes", f'{{"entity": "e", "ts": "2026-11-23 10:00", {V}}}', True),
+    ("ISO nanoseconds", f'{{"entity": "e", "ts": "2026-11-23T10:00:00.123456789-08:00", {V}}}', True),
+    ("ISO date only", f'{{"entity": "e", "ts": "2026-11-23", {V}}}', True),
+    ("ISO basic format", f'{{"entity": "e", "ts": "20261123T100000Z", {V}}}', False),
+    ("digits that fromisoformat reads as a date", f'{{"entity": "e", "ts": "19700101", {V}}}', False),
+    ("ISO week date", f'{{"entity": "e", "ts": "2026-W47-1", {V}}}', False),
+    ("ISO hour only", f'{{"entity": "e", "ts": "2026-11-23T10", {V}}}', False),
+    ("ISO hour 24", f'{{"entity": "e", "ts": "2026-11-23T24:00", {V}}}', False),
+    ("ISO month 13", f'{{"entity": "e", "ts": "2026-13-01", {V}}}', False),
+    ("ISO comma fraction", f'{{"entity": "e", "ts": "2026-11-23T10:00:00,5", {V}}}', False),
+    ("ISO before 1970", f'{{"entity": "e", "ts": "1969-12-31T23:59:59Z", {V}}}', False),
+    ("ISO year 3083", f'{{"entity": "e", "ts": "3083-12-31T23:59:59Z", {V}}}', True),
+    ("ISO year 3084", f'{{"entity": "e", "ts": "3084-01-01", {V}}}', False),
+    ("prose ts", f'{{"entity": "e", "ts": "yesterday", {V}}}', False),
+    ("features by name", '{"entity": "e", "ts": 1, "features": {"temp": 3, "speed": 1, "current": 2}}', True),
+    ("values null, features", '{"entity": "e", "ts": 1, "values": null, "features": {"temp": 3, "speed": 1, '
+     '"current": 2}}', True),
+    ("both shapes", f'{{"entity": "e", "ts": 1, {V}, "features": {{"speed": 1}}}}', False),
+    ("neither shape", '{"entity": "e", "ts": 1}', False),
+    ("both null", '{"entity": "e", "ts": 1, "values": null, "features": null}', False),
+    ("values not a list", '{"entity": "e", "ts": 1, "values": {"speed": 1}}', False),
+    ("string value", '{"entity": "e", "ts": 1, "values": [1, "2.5", 3]}', False),
+    ("boolean value", '{"entity": "e", "ts": 1, "values": [true, 2, 3]}', False),
+    ("null value", '{"entity": "e", "ts": 1, "values": [null, 2, 3]}', False),
+    ("float32 max", '{"entity": "e", "ts": 1, "values": [3.4028234663852886e38, -3.4028234663852886e38, 0]}', True),
+    ("beyond float32", '{"entity": "e", "ts": 1, "values": [1e39, 2, 3]}', False),
+    ("null feature value", '{"entity": "e", "ts": 1, "features": {"speed": null, "current": 1, "temp": 2}}', False),
+    ("label 1", f'{{"entity": "e", "ts": 1, {V}, "label": 1}}', True),
+    ("label true", f'{{"entity": "e", "ts": 1, {V}, "label": true}}', True),
+    ("label 1.0", f'{{"entity": "e", "ts": 1, {V}, "label": 1.0}}', True),
+    ("label null", f'{{"entity": "e", "ts": 1, {V}, "label": null}}', True),
+    ("label 2", f'{{"entity": "e", "ts": 1, {V}, "label": 2}}', False),
+    ("label string", f'{{"entity": "e", "ts": 1, {V}, "label": "1"}}', False),
+    ("extra field ignored", f'{{"entity": "e", "ts": 1, {V}, "site": "fab-2"}}', True),
+    ("entity 256 chars", f'{{"entity": "{"x" * 256}", "ts": 1, {V}}}', True),
+    ("entity 257 chars", f'{{"entity": "{"x" * 257}", "ts": 1, {V}}}', False),
+    ("entity of astral characters", f'{{"entity": "{"😀" * 256}", "ts": 1, {V}}}', True),
+    ("empty entity", f'{{"entity": "", "ts": 1, {V}}}', False),
+    ("numeric entity", f'{{"entity": 17, "ts": 1, {V}}}', False),
+    ("array, not object", '[1, 2, 3]', False),
+    ("JSON null", 'null', False),
+]
+
+
+@pytest.mark.parametrize("text,accepted", [(t, a) for _, t, a in CONTRACT], ids=[n for n, _, _ in CONTRACT])
+def test_reading_schema_and_decoder_give_the_same_verdict(text: str, accepted: bool):
+    import jsonschema
+
+    from fabwatch.stream.decode import BatchDecoder
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "deploy" / "schemas" / "reading.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    instance = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    by_schema = validator.is_valid(instance)
+    decoded = BatchDecoder(FEATURES).decode([text.encode()])
+    by_decoder = len(decoded.index) == 1
+    detail = [r.detail for _, r in decoded.rejected]
+    assert (by_schema, by_decoder) == (accepted, accepted), (list(validator.iter_errors(instance))[:1], detail)
