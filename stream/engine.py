@@ -31,7 +31,7 @@ class ScoreColumns:
 @dataclass
 class EngineResult:
     alerts: list[Alert]
-    status: np.ndarray                        # int8 per reading: windows.OK / DUPLICATE / LATE
+    status: np.ndarray                        # int8 per reading: windows.OK / DUPLICATE / LATE / CONFLICT
     scores: ScoreColumns
     inference_s: list[float] = field(default_factory=list)   # one per model call
     batch_sizes: list[int] = field(default_factory=list)

@@ -45,7 +45,7 @@ from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeliveryTracker, dead_letter
 from fabwatch.stream.schemas import ModelEvent, RejectReason
 from fabwatch.stream.kafka.topics import ensure_topics
-from fabwatch.stream.windows import DUPLICATE, LATE
+from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
 
 log = logging.getLogger("fabwatch.processor")
 
@@ -195,6 +195,9 @@ class Processor(StopOnSignal):
         dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
         late = cols.index[result.status == LATE]
         dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
+        conflicts = cols.index[result.status == CONFLICT]
+        dead += [(int(i), RejectReason.conflicting_duplicate, "the key already has a reading at this timestamp, "
+                  "with other values: the first one is kept") for i in conflicts.tolist()]
         on_delivery = self._delivery.on_delivery
         for i, reason, detail in dead:
             m = msgs[i]

@@ -28,6 +28,7 @@ class RejectReason(StrEnum):
     missing_feature = "missing_feature"
     too_large = "too_large"
     late = "late"
+    conflicting_duplicate = "conflicting_duplicate"  # same entity and ts as an accepted reading, other values
 
 
 Number = StrictFloat  # ints are accepted; "1.5" (a string) is a schema error, not a number

@@ -4,6 +4,11 @@ A batch of readings is appended with a handful of vectorised numpy operations: t
 Python work is the dict lookup of each key's slot. Duplicate / late detection, ring positions, the
 stride choice and the gathering of ready windows are all array operations.
 
+A reading whose timestamp equals its key's latest is a re-send: an identical one (same values) is a
+``DUPLICATE``, dropped and counted (at-least-once producers retry); one with other values is a
+``CONFLICT``, which callers dead-letter, because the window keeps the first and a correction must not
+vanish silently. The label is not compared: it only matters offline.
+
 The ring holds ``2 * window`` steps so that a key may receive up to ``window`` more readings in the
 same batch after one of its windows became ready, and that window is still intact when it is
 gathered at the end of the batch (bigger per-key bursts are split automatically). The first
@@ -24,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-OK, DUPLICATE, LATE = 0, 1, 2
+OK, DUPLICATE, LATE, CONFLICT = 0, 1, 2, 3
 _TS_SPAN = np.int64(1 << 45)  # timestamps (epoch ms) must be below this (year 3084) for the segment trick
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -55,7 +60,7 @@ def stride_selects(hashes: np.ndarray, ts: np.ndarray, stride: int) -> np.ndarra
 class AppendResult:
     """Outcome of one ``append``: a status per input reading and the windows that are ready to score."""
 
-    status: np.ndarray                 # int8 [n]: OK, DUPLICATE or LATE
+    status: np.ndarray                 # int8 [n]: OK, DUPLICATE, LATE or CONFLICT
     ready: np.ndarray                  # int64 [m]: indices into the batch, ascending
     windows: np.ndarray                # float32 [m, window, F]
     window_start_ts: np.ndarray        # int64 [m]
@@ -65,6 +70,7 @@ class AppendResult:
 class WindowCounters:
     appended: int = 0
     duplicates: int = 0
+    conflicts: int = 0
     late: int = 0
     evicted_ttl: int = 0
     evicted_cap: int = 0
@@ -232,6 +238,11 @@ class WindowStore:
         mirror = a_pos < self.window - 1
         self._values[a_slot[mirror], a_pos[mirror] + self.ring] = a_values[mirror]
         self._ts[a_slot[mirror], a_pos[mirror] + self.ring] = a_ts[mirror]
+        dup_idx = np.flatnonzero(status_sorted == DUPLICATE)
+        if len(dup_idx):  # the key's last accepted reading is at count - 1, written above if it is in this batch
+            held = self._values[s_sorted[dup_idx], (count_after[dup_idx] - 1) % self.ring]
+            differs = (held != np.asarray(values, dtype=np.float32)[order[dup_idx]]).any(axis=1)
+            status_sorted[dup_idx[differs]] = CONFLICT
         if partitions is not None:
             self._part[s_sorted] = np.asarray(partitions, dtype=np.int32)[order]
         self._count[group_slot] += np.add.reduceat(accepted.astype(np.int64), starts)
@@ -241,8 +252,11 @@ class WindowStore:
         status[order] = status_sorted
         n_acc = len(acc_idx)
         self.counters.appended += n_acc
-        self.counters.duplicates += int(np.count_nonzero(status_sorted == DUPLICATE))
-        self.counters.late += n - n_acc - int(np.count_nonzero(status_sorted == DUPLICATE))
+        n_dup = int(np.count_nonzero(status_sorted == DUPLICATE))
+        n_conflict = int(np.count_nonzero(status_sorted == CONFLICT))
+        self.counters.duplicates += n_dup
+        self.counters.conflicts += n_conflict
+        self.counters.late += n - n_acc - n_dup - n_conflict
 
         if not score:
             return AppendResult(status, np.zeros(0, np.int64),

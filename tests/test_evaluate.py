@@ -10,11 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from onnx_fixtures import feature_names, make_registry, readings
+from fabwatch.export.runtime import ScoringModel
+from fabwatch.stream.decode import BatchDecoder
+from fabwatch.stream.engine import ScoringEngine
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.offline.evaluate import evaluate_file
+from fabwatch.stream.windows import CONFLICT, DUPLICATE
 from stream_helpers import replay_and_serve
 
 T0 = 1_700_000_000_000
@@ -101,3 +106,28 @@ def test_live_replay_yields_exactly_the_offline_alert_ids(settings: Settings, re
                              text=True, env=env, timeout=120)
     assert compare.returncode == 0, compare.stderr
     assert json.loads(compare.stdout)["live_comparison"]["identical"] is True
+
+
+def test_resends_same_verdict_in_the_engine_and_offline(registry: Path, tmp_path: Path):
+    """An identical re-send is dropped and counted; a corrected one (same entity and ts, other values) is a
+    conflict, which the processor dead-letters as conflicting_duplicate; evaluate reports both the same way."""
+    rows = readings(["E00", "E01"], 120, t0=T0)
+    resend, corrected = dict(rows[101]), {**rows[151], "values": [v + 1 for v in rows[151]["values"]]}
+    stream = rows[:102] + [resend] + rows[102:152] + [corrected] + rows[152:]
+    data = tmp_path / "resends.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["entity", "ts", *feature_names(4)])
+        w.writerows([r["entity"], r["ts"], *r["values"]] for r in stream)
+
+    engine = ScoringEngine(ScoringModel.from_registry(registry))
+    cols = BatchDecoder(feature_names(4)).decode([json.dumps(r).encode() for r in stream])
+    live = engine.process(cols.keys, cols.ts, cols.values)
+    offline = evaluate_file(registry, data)
+
+    expected = np.zeros(len(stream), np.int8)
+    expected[[102, 153]] = [DUPLICATE, CONFLICT]
+    np.testing.assert_array_equal(live.status, expected)
+    np.testing.assert_array_equal(offline.status, expected)
+    assert (offline.metrics["duplicates_dropped"], offline.metrics["rows_conflicting_duplicate"]) == (1, 1)
+    assert engine.windows.counters.duplicates == engine.windows.counters.conflicts == 1

@@ -93,8 +93,11 @@ def test_bad_input_goes_to_the_dlq_with_its_reason_and_good_readings_still_score
         (orjson.dumps({**first[0], "ts": first[0]["ts"] - 1}), "late"),
     ]
     dup = orjson.dumps(first[-1])
-    raw = [orjson.dumps(r) for r in first] + [v for v, _ in table] + [dup] + [orjson.dumps(r) for r in rest]
-    keys = [r["entity"].encode() for r in first] + [b"bad"] * len(table) + [b"OHT-001"] + \
+    corrected = orjson.dumps({**first[-1], "values": [v + 1 for v in first[-1]["values"]]})
+    table.append((corrected, "conflicting_duplicate"))
+    raw = [orjson.dumps(r) for r in first] + [v for v, _ in table[:-1]] + [dup, corrected] + \
+        [orjson.dumps(r) for r in rest]
+    keys = [r["entity"].encode() for r in first] + [b"bad"] * (len(table) - 1) + [b"OHT-001"] * 2 + \
         [r["entity"].encode() for r in rest]
     produce(topics, topics.topics.sensors, raw, keys=keys)
     topics.max_message_bytes = 2048
@@ -105,7 +108,7 @@ def test_bad_input_goes_to_the_dlq_with_its_reason_and_good_readings_still_score
         alerts = alerts_of(read_all(topics, topics.topics.alerts, expect=1, timeout_s=60))
     finally:
         assert stop(proc) == 0
-    assert sorted(d["reason"] for d in dead) == sorted(r for _, r in table)  # one each, nothing for the duplicate
+    assert sorted(d["reason"] for d in dead) == sorted(r for _, r in table)  # one each, nothing for the identical re-send
     by_reason = {d["reason"]: d for d in dead}
     assert base64.b64decode(by_reason["bad_json"]["value_b64"]) == b"{not json"
     assert by_reason["late"]["source"]["topic"] == topics.topics.sensors and by_reason["late"]["detail"]

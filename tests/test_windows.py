@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fabwatch.stream.windows import DUPLICATE, LATE, OK, WindowStore, stride_selects
+from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE, OK, WindowStore, stride_selects
 
 
 def _series(n: int, f: int = 3, t0: int = 1_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -43,13 +43,25 @@ def test_interleaved_keys_are_independent() -> None:
 def test_duplicates_dropped_and_late_flagged() -> None:
     store = WindowStore(window=3, n_features=1)
     ts = np.array([10, 20, 20, 15, 30, 30], dtype=np.int64)
-    res = store.append(["k"] * 6, ts, np.arange(6, dtype=np.float32)[:, None])
+    res = store.append(["k"] * 6, ts, np.array([0, 1, 1, 3, 4, 4], dtype=np.float32)[:, None])
     assert res.status.tolist() == [OK, OK, DUPLICATE, LATE, OK, DUPLICATE]
     assert store.counters.duplicates == 2 and store.counters.late == 1
     np.testing.assert_array_equal(res.windows[0, :, 0], [0, 1, 4])  # the window skips the rejected ones
-    again = store.append(["k", "k"], np.array([30, 5], dtype=np.int64), np.zeros((2, 1), np.float32))
+    again = store.append(["k", "k"], np.array([30, 5], dtype=np.int64), np.full((2, 1), 4, np.float32))
     assert again.status.tolist() == [DUPLICATE, LATE]  # against the stored last timestamp too
     assert store.last_ts("k") == 30
+
+
+def test_a_resend_with_other_values_is_a_conflict_and_the_first_reading_stays() -> None:
+    store = WindowStore(window=2, n_features=2)
+    res = store.append(["k", "j", "k", "k", "j"], np.array([10, 10, 10, 20, 10], dtype=np.int64),
+                       np.array([[1, 2], [5, 5], [1, 2.5], [3, 4], [5, 5]], dtype=np.float32))
+    assert res.status.tolist() == [OK, OK, CONFLICT, OK, DUPLICATE]  # within a batch
+    np.testing.assert_array_equal(res.windows[0], [[1, 2], [3, 4]])
+    later = store.append(["k", "k", "j"], np.array([20, 20, 10], dtype=np.int64),
+                         np.array([[3, 4], [3, -4], [5, 6]], dtype=np.float32))
+    assert later.status.tolist() == [DUPLICATE, CONFLICT, CONFLICT]  # against the stored reading
+    assert (store.counters.duplicates, store.counters.conflicts, store.counters.late) == (2, 3, 0)
 
 
 def test_bursts_longer_than_the_ring_slack_are_split() -> None:

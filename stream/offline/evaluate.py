@@ -24,6 +24,7 @@ from fabwatch.stream.offline.files import Records
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.offline.replay import load_records
 from fabwatch.stream.schemas import Alert
+from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Evaluation:
     rows_in_file: int
     score: np.ndarray       # float32 [N] per record, NaN until the entity's first full window
     pred: np.ndarray        # int8 [N]: 1 while an alert is open for the entity
+    status: np.ndarray      # int8 [N]: windows.OK / DUPLICATE / LATE / CONFLICT, the processor's verdict
     alerts: list[Alert]
     threshold: float
     close_threshold: float
@@ -89,7 +91,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
         raise UsageError(f"{data.name}: no valid rows")
     engine = ScoringEngine(model, policy, stride=stride)
     start = time.perf_counter()
-    alerts, score_cols, _status = run_offline(engine, records.entity, records.ts, records.values.astype(np.float32))
+    alerts, score_cols, status = run_offline(engine, records.entity, records.ts, records.values.astype(np.float32))
     seconds = time.perf_counter() - start
 
     score = np.full(len(records.ts), np.nan, np.float32)
@@ -99,7 +101,12 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
     pred = _alert_state(records, alerts)
 
     metrics: dict = {"rows_in_file": len(records.ts) + len(records.rejected), "rows_scored": int(np.isfinite(score).sum()),
-                     "rows_rejected": len(records.rejected), "alerts_opened": sum(a.state == "open" for a in alerts),
+                     "rows_rejected": len(records.rejected),
+                     # what the processor drops (duplicates) or dead-letters (late, conflicting_duplicate)
+                     "duplicates_dropped": int(np.count_nonzero(status == DUPLICATE)),
+                     "rows_late": int(np.count_nonzero(status == LATE)),
+                     "rows_conflicting_duplicate": int(np.count_nonzero(status == CONFLICT)),
+                     "alerts_opened": sum(a.state == "open" for a in alerts),
                      "model_version": manifest.version, "threshold": manifest.thresholds.alert,
                      "readings_per_s": round(len(records.ts) / seconds) if seconds > 0 else None}
     if records.label is not None:
@@ -118,7 +125,8 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
         metrics["pointwise"] = point
         metrics["eventwise"] = eventwise(records.label[use], pred[use], records.ts[use], codes[use])
         metrics["rows_evaluated"] = int(use.sum())
-    return Evaluation(records=records, rows_in_file=metrics["rows_in_file"], score=score, pred=pred, alerts=alerts,
+    return Evaluation(records=records, rows_in_file=metrics["rows_in_file"], score=score, pred=pred, status=status,
+                      alerts=alerts,
                       threshold=manifest.thresholds.alert, close_threshold=manifest.thresholds.close,
                       model_version=manifest.version, metrics=metrics, seconds=seconds)
 
