@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -33,6 +34,22 @@ FP16_FILE = "model.fp16.onnx"
 # every output, probability units for classify) is within this.
 FP16_PARITY_LIMIT = 1e-3
 TRT_OPT_BATCH = 256  # the batch size TensorRT tunes its kernels for (the processor's default micro-batch)
+
+
+def trt_cache_dir(model_path: Path | str) -> Path:
+    """Where TensorRT keeps the engines it builds for this model file: ``$FABWATCH_TRT_CACHE``, else
+    ``~/.cache/fabwatch/trt`` (under ``$FABWATCH_CACHE`` when set), in a folder named by the file's sha256.
+
+    Never beside the model: processors mount the registry read-only. The content hash keeps the engines of
+    different versions (and of fp32 and fp16) apart, and lets a version keep its engines across restarts.
+    """
+    root = os.environ.get("FABWATCH_TRT_CACHE") or Path(
+        os.environ.get("FABWATCH_CACHE") or Path.home() / ".cache" / "fabwatch") / "trt"
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return Path(root) / digest.hexdigest()[:16]
 
 
 def tensorrt_present() -> bool:
@@ -80,9 +97,26 @@ def _trt_shape_profile(model_path: Path, max_batch: int) -> dict[str, str]:
             "trt_profile_max_shapes": f"{name}:{max_batch}x{row}"}
 
 
-def create_session(model_path: Path | str, providers: Sequence[str] | None = None,
-                   cache_dir: Path | None = None, intra_op_threads: int = 0, *, cuda_graphs: bool = False,
-                   profile: bool = False, max_batch: int | None = None) -> ort.InferenceSession:
+def provider_options(chosen: Sequence[str], model_path: Path | str, *, cuda_graphs: bool = False,
+                     max_batch: int | None = None) -> list[str | tuple[str, dict]]:
+    """The providers with their options, as ``InferenceSession`` takes them; TensorRT's engine cache is
+    ``trt_cache_dir(model_path)``, created here."""
+    provider_args: list[str | tuple[str, dict]] = []
+    for p in chosen:
+        if p == "TensorrtExecutionProvider":
+            cache = trt_cache_dir(model_path)
+            cache.mkdir(parents=True, exist_ok=True)
+            trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": True}
+            provider_args.append((p, trt | (_trt_shape_profile(Path(model_path), max_batch) if max_batch else {})))
+        elif p == "CUDAExecutionProvider" and cuda_graphs:
+            provider_args.append((p, {"enable_cuda_graph": "1"}))
+        else:
+            provider_args.append(p)
+    return provider_args
+
+
+def create_session(model_path: Path | str, providers: Sequence[str] | None = None, intra_op_threads: int = 0, *,
+                   cuda_graphs: bool = False, profile: bool = False, max_batch: int | None = None) -> ort.InferenceSession:
     """An InferenceSession on the best available provider; logs which one it got.
 
     ``cuda_graphs`` turns on the CUDA provider's graph capture (runs must then use IO binding, see
@@ -99,16 +133,7 @@ def create_session(model_path: Path | str, providers: Sequence[str] | None = Non
     if profile:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"fabwatch-placement-{os.getpid()}")
-    provider_args: list[str | tuple[str, dict]] = []
-    for p in chosen:
-        if p == "TensorrtExecutionProvider":
-            cache = Path(cache_dir or Path(model_path).parent / "trt-cache")
-            trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": True}
-            provider_args.append((p, trt | (_trt_shape_profile(Path(model_path), max_batch) if max_batch else {})))
-        elif p == "CUDAExecutionProvider" and cuda_graphs:
-            provider_args.append((p, {"enable_cuda_graph": "1"}))
-        else:
-            provider_args.append(p)
+    provider_args = provider_options(chosen, model_path, cuda_graphs=cuda_graphs, max_batch=max_batch)
     session = ort.InferenceSession(str(model_path), sess_options=options, providers=provider_args)
     log.info("onnxruntime session for %s on %s", Path(model_path).name, session.get_providers()[0])
     return session

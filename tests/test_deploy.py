@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,16 @@ def _find(kind: str, name: str) -> dict:
 def _entrypoint(dockerfile: str) -> list[str]:
     line = next(ln for ln in (DOCKER / dockerfile).read_text().splitlines() if ln.startswith("ENTRYPOINT"))
     return json.loads(line.removeprefix("ENTRYPOINT"))
+
+
+def _dockerfile_env(dockerfile: str) -> dict[str, str]:
+    text = (DOCKER / dockerfile).read_text().replace("\\\n", " ")
+    return {k: v for line in text.splitlines() if line.startswith("ENV ") for k, v in re.findall(r"(\w+)=(\S+)", line)}
+
+
+def _cuda_base(dockerfile: str) -> bool:
+    base = next(ln.split()[1] for ln in (DOCKER / dockerfile).read_text().splitlines() if ln.startswith("FROM "))
+    return base.startswith("nvidia/cuda:")
 
 
 def _valid_env_name(name: str) -> bool:
@@ -80,6 +91,9 @@ def test_processor_deployment_agrees_with_the_code():
     assert all(_valid_env_name(e["name"]) for e in container["env"]), container["env"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "registry")
     assert mount["readOnly"] is True and mount["mountPath"] == entry[entry.index("--registry") + 1]
+    cache = next(m for m in container["volumeMounts"] if m["name"] == "trt-cache")  # TensorRT writes its engines
+    assert cache["mountPath"] == _dockerfile_env("processor.Dockerfile")["FABWATCH_TRT_CACHE"]
+    assert not cache.get("readOnly") and "emptyDir" in next(v for v in spec["volumes"] if v["name"] == "trt-cache")
     trainer = _find("Deployment", "fabwatch-trainer")["spec"]["template"]["spec"]["containers"][0]
     assert not any(m.get("readOnly") for m in trainer["volumeMounts"] if m["name"] == "registry")
 
@@ -114,7 +128,9 @@ def test_compose_services_images_env_and_ports():
         assert all(_valid_env_name(k) for k in svc["environment"]), svc["environment"]
         assert svc["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert "9108:9108" in services["processor"]["ports"]
-    assert services["processor"]["volumes"] == ["registry:/registry:ro"]
+    trt_cache = _dockerfile_env("processor.Dockerfile")["FABWATCH_TRT_CACHE"]
+    assert services["processor"]["volumes"] == ["registry:/registry:ro", f"trt-cache:{trt_cache}"]
+    assert "trt-cache" in compose["volumes"]
     targets = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]
     assert {t for job in targets for t in job["static_configs"][0]["targets"]} == {"processor:9108", "trainer:9109"}
 
@@ -129,3 +145,24 @@ def test_container_entrypoints_are_valid_commands(dockerfile: str):
     assert result.exit_code == 0, result.output
     for flag in (a for a in args[2:] if a.startswith("--")):
         assert flag in result.output, f"{dockerfile}: {args[1]} has no {flag}"
+
+
+def test_gpus_are_requested_only_for_images_built_on_cuda():
+    """A GPU request for an image without CUDA (plain TensorFlow on python:slim) holds a GPU that nothing uses."""
+    requests = []
+    for doc in _k8s_docs():
+        if doc["kind"] == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                res = c.get("resources", {})
+                gpus = {**res.get("requests", {}), **res.get("limits", {})}.get("nvidia.com/gpu", 0)
+                requests.append((c["image"], int(gpus) > 0))
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    images = {svc["image"]: Path(svc["build"]["dockerfile"]).name for svc in compose.values() if "build" in svc}
+    for svc in compose.values():
+        devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        if "build" in svc:
+            requests.append((svc["image"], any("gpu" in d.get("capabilities", []) for d in devices)))
+    assert {image for image, _ in requests} <= set(images), "every image is built from a Dockerfile here"
+    for image, wants_gpu in requests:
+        assert not wants_gpu or _cuda_base(images[image]), f"{image} requests a GPU, {images[image]} has no CUDA base"
+    assert _cuda_base("processor.Dockerfile") and not _cuda_base("trainer.Dockerfile")  # the check can tell

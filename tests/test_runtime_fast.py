@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from fabwatch.export.fastpath import BoundRunner, PlacementError, placement_from_profile, profile_placement
 from fabwatch.export.registry import Manifest
-from fabwatch.export.runtime import FP16_FILE, ScoringModel, create_session, fp16_parity_holds
+from fabwatch.export.runtime import (FP16_FILE, ScoringModel, create_session, fp16_parity_holds, provider_options,
+                                      trt_cache_dir)
 from fabwatch.models.bench.inference import META_FILE, NO_TORCH, ratios, targets
 from onnx_fixtures import make_registry
 from fabwatch.stream.cli.main import app
@@ -226,3 +227,32 @@ def test_torch_reference_mirrors_the_keras_layer_sizes():
     with torch.inference_mode():
         score, members, weights = model(torch.zeros(3, 100, 12))
     assert score.shape == (3,) and members.shape == weights.shape == (3, 5)
+
+
+def test_a_read_only_registry_loads_and_the_tensorrt_cache_lives_outside_it(tmp_path: Path, monkeypatch):
+    """Processors mount the registry read-only: loading writes nothing there, and TensorRT's engine cache goes to
+    $FABWATCH_TRT_CACHE (else ~/.cache/fabwatch/trt), one folder per model file's sha256."""
+    root = tmp_path / "registry"
+    vdir = make_registry(root).resolve()[0]
+    cache_root = tmp_path / "writable" / "trt"
+    monkeypatch.setenv("FABWATCH_TRT_CACHE", str(cache_root))
+    tree = [root, *root.rglob("*")]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tree}
+    for p in tree:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        model = ScoringModel.from_registry(root, providers=["CPUExecutionProvider"])
+        assert model.predict(np.zeros((2, model.manifest.window, len(model.feature_names)), np.float32)).score.shape == (2,)
+        trt, cpu = provider_options(["TensorrtExecutionProvider", "CPUExecutionProvider"], vdir / "model.onnx",
+                                    max_batch=64)
+        cache = Path(trt[1]["trt_engine_cache_path"])
+        assert cache.parent == cache_root and cache.is_dir() and cpu == "CPUExecutionProvider"
+        monkeypatch.delenv("FABWATCH_TRT_CACHE")
+        monkeypatch.delenv("FABWATCH_CACHE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert trt_cache_dir(vdir / "model.onnx") == tmp_path / "home" / ".cache" / "fabwatch" / "trt" / cache.name
+    finally:
+        for p in tree:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in tree} == before
+    assert sorted(root.rglob("*")) == sorted(tree[1:])

@@ -26,10 +26,14 @@ RUN pip install . \
  && pip uninstall -y onnxruntime \
  && pip install "onnxruntime-gpu==1.31.1"
 
-RUN useradd --uid 10001 --no-create-home fabwatch
+# TensorRT's engine cache must be writable (the registry is read-only): a volume there keeps it across restarts.
+RUN useradd --uid 10001 --no-create-home fabwatch \
+ && mkdir -p /var/cache/fabwatch/trt \
+ && chown 10001 /var/cache/fabwatch/trt
 USER 10001
 WORKDIR /var/lib/fabwatch
-ENV FABWATCH_HOME=/var/lib/fabwatch/state
+ENV FABWATCH_HOME=/var/lib/fabwatch/state \
+    FABWATCH_TRT_CACHE=/var/cache/fabwatch/trt
 EXPOSE 9108
 # KAFKA_BOOTSTRAP_SERVERS and FABWATCH_* configure it; the registry is a read-only volume.
 ENTRYPOINT ["fabwatch", "serve", "--registry", "/registry", "--metrics-port", "9108"]

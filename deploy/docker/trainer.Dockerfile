@@ -1,4 +1,5 @@
-# fabwatch sidecar trainer: TensorFlow (CPU build; add a CUDA base for GPU training) + the serving code.
+# fabwatch sidecar trainer: TensorFlow (CPU build) + the serving code. For GPU training, start FROM a CUDA base
+# and install tensorflow[and-cuda]: only then may deploy/k8s/trainer.yaml request a GPU.
 # Build from the repository root:  docker build -f deploy/docker/trainer.Dockerfile -t fabwatch/trainer .
 FROM python:3.11-slim-bookworm
 
