@@ -38,7 +38,10 @@ def _print_version(value: bool) -> None:
 
 def quiet_libraries(verbose: bool) -> None:
     """Keep TensorFlow's C++ start-up log (cuInit, oneDNN notices) and tf2onnx's per-node log off the screen
-    unless ``--verbose``; set before TensorFlow loads (it is imported lazily, inside the commands)."""
+    unless ``--verbose``; set before TensorFlow loads (it is imported lazily, inside the commands, and
+    ``fabwatch.models.tf`` reads ``FABWATCH_VERBOSE``)."""
+    if verbose:
+        os.environ["FABWATCH_VERBOSE"] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
