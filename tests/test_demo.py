@@ -29,3 +29,5 @@ def test_demo_shows_alerts_and_writes_the_report(kafka_bootstrap: str, tmp_path:
     png = tmp_path / "demo" / "evaluation.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
     assert "done" in out and str(tmp_path / "demo") in out
+    chatter = ("oneDNN", "cuInit", "absl::InitializeLog", "tf2onnx")  # library start-up logs go to the step logs
+    assert not [c for c in chatter if c in out + proc.stderr], (out + proc.stderr)[-3000:]
