@@ -98,13 +98,15 @@ def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Pa
     result = train(TrainConfig.quick(data=path, registry=tmp_path / "reg", task="forecast", label_col=None,
                                      window=30, epochs=1, stride=4))
     m = result.manifest
-    assert m.outputs == ["score", "member_scores", "weights", "feature_error"] and "q0.99" in m.thresholds.method
+    assert m.outputs == ["score", "member_scores", "weights", "feature_error"]
+    assert m.members[-1] == "monitor" and m.thresholds.alert == 1.0 and "statistical monitor" in m.thresholds.method
     model = ScoringModel.from_registry(tmp_path / "reg", providers=["CPUExecutionProvider"])
     x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES])[:30][None].repeat(2, axis=0)
     x[1, -1, 3] += 40 * np.asarray(m.scaler.std)[3]  # the newest motor temperature jumps
     out = model.predict(x)
     assert out.feature_error.shape == (2, 12) and int(np.argmax(out.feature_error[1])) == 3
-    assert out.score[1] > out.score[0]
+    assert out.score[1] > max(1.0, out.score[0])  # past the monitor's limit, and above the unchanged window
+    np.testing.assert_array_equal(out.member_scores[:, -1], out.score)
 
 
 def test_time_budget_stops_a_stage_mid_epoch() -> None:
