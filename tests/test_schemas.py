@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fabwatch.stream.schemas import Alert, ReadingDecoder, Rejected, RejectReason, alert_id_for
+from fabwatch.stream.decode import BatchDecoder
+from fabwatch.stream.schemas import Alert, EventTimeBounds, ReadingDecoder, Rejected, RejectReason, alert_id_for
 
 FEATURES = ["speed", "current", "temp"]
 decoder = ReadingDecoder(FEATURES, max_bytes=1_000_000)
@@ -38,6 +39,15 @@ BAD = [
     ("array, not object", _j([1, 2, 3]), RejectReason.schema),
     ("bad label", _j({"entity": "a", "ts": 1, "values": [1, 2, 3], "label": 7}), RejectReason.schema),
     ("10 MB message", _j({"entity": "a", "ts": 1, "values": [1.0] * 2_000_000}), RejectReason.too_large),
+    ("ts 1e309 as an integer", b'{"entity": "a", "ts": 1' + b"0" * 309 + b', "values": [1, 2, 3]}',
+     RejectReason.bad_timestamp),
+    ("ts in microseconds", _j({"entity": "a", "ts": 1_790_000_000_000_000, "values": [1, 2, 3]}),
+     RejectReason.bad_timestamp),
+    ("ts 1e400", b'{"entity": "a", "ts": 1e400, "values": [1, 2, 3]}', RejectReason.bad_timestamp),
+    ("ISO date out of range", _j({"entity": "a", "ts": "9999-12-31T23:59:59-23:59", "values": [1, 2, 3]}),
+     RejectReason.bad_timestamp),
+    ("value 1e309 as an integer", b'{"entity": "a", "ts": 1, "values": [1, 2, 1' + b"0" * 309 + b"]}",
+     RejectReason.non_finite),
 ]
 
 
@@ -88,3 +98,40 @@ def test_committed_json_schemas_match_the_models(tmp_path):
     for generated in tmp_path.glob("*.json"):
         assert (committed / generated.name).read_text() == generated.read_text(), generated.name
     assert Alert.model_json_schema()["properties"]["kind"]["enum"] == ["anomaly", "delay", "spike", "log"]
+
+
+NOW = 1_795_000_000_000
+BOUNDS = EventTimeBounds(future_ms=600_000, past_ms=86_400_000)
+
+
+@pytest.mark.parametrize("ts,broker_ms,ok", [
+    (NOW, NOW, True), (NOW + 599_000, NOW, True), (NOW + 601_000, NOW, False),  # future, by the broker timestamp
+    (4_102_444_800_000, NOW, False),                                            # dated 2100
+    (NOW + 601_000, NOW + 3_600_000, False),  # a broker timestamp ahead of the wall clock does not widen it
+    (NOW + 601_000, -1, False),               # no broker timestamp: the wall clock
+    (NOW - 86_399_000, NOW, True), (NOW - 86_401_000, NOW, False),              # past
+])
+def test_event_time_is_bounded_against_the_broker_timestamp_and_the_wall_clock(ts, broker_ms, ok):
+    raw = _j({"entity": "a", "ts": ts, "values": [1, 2, 3]})
+    bounded = ReadingDecoder(FEATURES, bounds=BOUNDS)
+    cols = BatchDecoder(FEATURES, bounds=BOUNDS).decode([raw], np.array([broker_ms]), now_ms=NOW)
+    if ok:
+        assert bounded.decode(raw, broker_ms, now_ms=NOW)[0].ts == ts and cols.ts.tolist() == [ts]
+    else:
+        with pytest.raises(Rejected) as err:
+            bounded.decode(raw, broker_ms, now_ms=NOW)
+        assert err.value.reason == RejectReason.clock_skew
+        assert [(i, r.reason) for i, r in cols.rejected] == [(0, RejectReason.clock_skew)]
+
+
+def test_an_unforeseen_exception_is_a_dead_letter_reason_not_a_crash(monkeypatch):
+    def boom(self, reading):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(ReadingDecoder, "vector", boom)
+    raw = _j({"entity": "a", "ts": 1, "features": {"speed": 1, "current": 2, "temp": 3}})
+    with pytest.raises(Rejected) as err:
+        decoder.decode(raw)
+    assert err.value.reason == RejectReason.internal and "ZeroDivisionError" in err.value.detail
+    cols = BatchDecoder(FEATURES).decode([raw, _j({"entity": "a", "ts": 2, "values": [1, 2, 3]})])
+    assert [(i, r.reason) for i, r in cols.rejected] == [(0, RejectReason.internal)] and cols.index.tolist() == [1]
