@@ -412,24 +412,27 @@ class Processor(StopOnSignal):
         tried: str | None = self.engine.version
         pointer = self.registry.current_version()
         while not self._stop.is_set():
-            wanted = None
+            wanted: tuple[str, str | None] | None = None  # (version, the model.onnx sha256 an event announced)
             if self.registry.current_version() != pointer:
-                pointer = wanted = self.registry.current_version()
+                pointer = self.registry.current_version()
+                wanted = None if pointer is None else (pointer, None)
             for m in events.consume(100, self.config.reload_interval_s):
                 if m.error() is None:
                     try:
-                        wanted = decode_model_event(m.value()).version
+                        event = decode_model_event(m.value())
                     except Rejected as exc:
                         log.warning("ignoring a model event (%s): still serving %s", exc, self.engine.version)
-            if wanted is None or wanted == tried:
+                        continue
+                    wanted = (event.version, event.sha256)
+            if wanted is None or wanted[0] == tried:
                 continue
-            tried = wanted
-            self._load(wanted)
+            tried = wanted[0]
+            self._load(*wanted)
         events.close()
 
-    def _load(self, version: str) -> None:
+    def _load(self, version: str, sha256: str | None) -> None:
         try:
-            vdir, manifest = self.registry.resolve(version)
+            vdir, manifest = self.registry.resolve(version, sha256)
             model = ScoringModel(vdir, manifest, self.config.providers)
             self.engine.check_compatible(model)
         except Exception as exc:  # any failure keeps the serving model; say why

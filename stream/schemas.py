@@ -17,6 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, ValidationError
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from fabwatch.export.registry import VERSION_PATTERN
+
 
 class RejectReason(StrEnum):
     bad_json = "bad_json"
@@ -196,11 +198,19 @@ class ReadingDecoder:
             raise Rejected.internal(exc) from exc
 
     def vector(self, reading: Reading) -> np.ndarray:
+        """float32 [F] in the model's order; finite doubles beyond float32's range are ``non_finite``."""
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            vec = np.asarray(self._ordered(reading), dtype=np.float32)
+        if not np.isfinite(vec).all():
+            raise Rejected(RejectReason.non_finite, "a value overflows float32")
+        return vec
+
+    def _ordered(self, reading: Reading) -> list[float]:
         width = len(self.feature_names)
         if reading.values is not None:
             if len(reading.values) != width:
                 raise Rejected(RejectReason.wrong_width, f"{len(reading.values)} values, the model expects {width}")
-            return np.asarray(reading.values, dtype=np.float32)
+            return reading.values
         assert reading.features is not None
         unknown = [k for k in reading.features if k not in self.index]
         if unknown:
@@ -208,7 +218,7 @@ class ReadingDecoder:
         missing = [k for k in self.feature_names if k not in reading.features]
         if missing:
             raise Rejected(RejectReason.missing_feature, f"missing feature(s) {missing[:5]}")
-        return np.asarray([reading.features[k] for k in self.feature_names], dtype=np.float32)
+        return [reading.features[k] for k in self.feature_names]
 
 
 class LogKey(BaseModel):
@@ -287,14 +297,11 @@ class DeadLetter(BaseModel):
     ts: int = Field(description="epoch ms when it was dead-lettered")
 
 
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a plain folder name: no separator, no "..", no dot first
-
-
 class ModelEvent(BaseModel):
     """A registry change on ``fabwatch.models``; processors hot-reload on it. ``version`` names a folder
     inside the registry and ``sha256`` is its model.onnx's: an event can point at a version, not at a path."""
 
-    version: str = Field(pattern=VERSION_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN, max_length=32)
     action: Literal["promoted", "rolled_back"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     ts: int

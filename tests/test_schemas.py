@@ -46,6 +46,7 @@ BAD = [
     ("ts 1e400", b'{"entity": "a", "ts": 1e400, "values": [1, 2, 3]}', RejectReason.bad_timestamp),
     ("ISO date out of range", _j({"entity": "a", "ts": "9999-12-31T23:59:59-23:59", "values": [1, 2, 3]}),
      RejectReason.bad_timestamp),
+    ("value beyond float32", b'{"entity": "a", "ts": 1, "values": [1, 2, 3.5e38]}', RejectReason.non_finite),
     ("value 1e309 as an integer", b'{"entity": "a", "ts": 1, "values": [1, 2, 1' + b"0" * 309 + b"]}",
      RejectReason.non_finite),
 ]
