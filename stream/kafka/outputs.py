@@ -31,7 +31,7 @@ class DeliveryFailed(RuntimeError):
 
 MAX_DEAD_LETTER_VALUE_BYTES = 512 * 1024  # kept bytes of a message: as base64 (x 4/3) with the envelope, a
 # dead letter stays under the 1 MB message.max.bytes of librdkafka and of the broker by default
-MAX_DEAD_LETTER_KEY_CHARS = 1024  # a huge key would overflow the dead letter just the same
+MAX_DEAD_LETTER_KEY_BYTES = 1024  # a huge key would overflow the dead letter just the same
 
 
 def dead_letter(m: Message, reason: RejectReason, detail: str, now_ms: int,
@@ -41,7 +41,7 @@ def dead_letter(m: Message, reason: RejectReason, detail: str, now_ms: int,
     value, key = m.value() or b"", m.key()
     return DeadLetter(value_b64=base64.b64encode(value[:keep_bytes]).decode(), value_bytes=len(value),
                       value_sha256=hashlib.sha256(value).hexdigest(), truncated=len(value) > keep_bytes,
-                      key=key[:MAX_DEAD_LETTER_KEY_CHARS].decode(errors="replace") if key is not None else None,
+                      key=key[:MAX_DEAD_LETTER_KEY_BYTES].decode(errors="replace") if key is not None else None,
                       source=SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()),
                       reason=reason, detail=detail[:2000], ts=now_ms)
 
@@ -57,7 +57,7 @@ class DeadLetters:
 
     def send(self, m: Message, reason: RejectReason, detail: str, now_ms: int) -> None:
         key = m.key()
-        self._produce(dead_letter(m, reason, detail, now_ms), None if key is None else key[:MAX_DEAD_LETTER_KEY_CHARS])
+        self._produce(dead_letter(m, reason, detail, now_ms), None if key is None else key[:MAX_DEAD_LETTER_KEY_BYTES])
 
     def _produce(self, letter: DeadLetter, key: bytes | None) -> None:
         try:
