@@ -10,7 +10,9 @@ Layout::
 
 A version directory is built under a temporary name and renamed into place only when complete, so
 a crash never leaves a half-written version visible. Loading re-hashes every file listed in the
-manifest and refuses any mismatch. No pickle: ONNX, JSON and Keras files only.
+manifest and refuses any mismatch, an unlisted file, a listing without ``model.onnx``, and any path (a
+version name, a listed file, a symbolic link) that leads outside the registry: a version name can come
+from a ModelEvent on Kafka. No pickle: ONNX, JSON and Keras files only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from pydantic import BaseModel, Field
 
 from fabwatch.export.errors import UsageError
 
-VERSION_RE = re.compile(r"^v(\d{4,})$")
+VERSION_PATTERN = r"^v(\d{4,})$"  # what ``commit`` names versions: never a path
+VERSION_RE = re.compile(VERSION_PATTERN)
+RUNTIME_CACHE = "trt-cache"  # TensorRT's engine cache, written beside model.onnx when serving: never listed
 Task = Literal["classify", "regress", "forecast", "logkeys"]
 
 
@@ -125,19 +129,40 @@ class Registry:
             return None
         return version or None
 
+    def version_dir(self, version: str) -> Path:
+        """The folder of ``version``, refused unless it is a version name whose folder lies inside the registry."""
+        if not VERSION_RE.match(version):
+            raise RegistryError(f"{version[:80]!r} is not a version name (v0001, v0002, ...): not loaded")
+        vdir = self.root / version
+        if not vdir.resolve().is_relative_to(self.root.resolve()):
+            raise RegistryError(f"{version} links outside the registry {self.root}: not loaded")
+        return vdir
+
     def manifest(self, version: str) -> Manifest:
-        path = self.root / version / "manifest.json"
+        path = self.version_dir(version) / "manifest.json"
         if not path.exists():
             raise RegistryError(f"version {version} not found in {self.root}")
         return Manifest.model_validate_json(path.read_text())
 
     def verify(self, version: str) -> Manifest:
-        """Re-hash every file of a version against its manifest; raise on any mismatch."""
+        """Re-hash every file of a version against its manifest; raise on any mismatch, on a file the
+        manifest does not list (TensorRT's cache aside), on a listing without model.onnx, and on any
+        listed path that leads outside the version."""
         manifest = self.manifest(version)
-        vdir = self.root / version
+        vdir = self.version_dir(version)
+        if "model.onnx" not in manifest.files:
+            raise RegistryError(f"{version}: the manifest does not list model.onnx with its sha256: not loaded")
+        inside = vdir.resolve()
+        present = {str(p.relative_to(vdir)) for p in vdir.rglob("*") if (p.is_file() or p.is_symlink())
+                   and p.name != "manifest.json" and p.relative_to(vdir).parts[0] != RUNTIME_CACHE}
+        unlisted = sorted(present - set(manifest.files))
+        if unlisted:
+            raise RegistryError(f"{version}: {unlisted[:3]} not listed in the manifest: refusing unverified files")
         for rel, expected in manifest.files.items():
             path = vdir / rel
-            if not path.exists():
+            if not path.resolve().is_relative_to(inside):
+                raise RegistryError(f"{version}: {rel[:80]!r} listed in the manifest leads outside the version")
+            if not path.is_file():
                 raise RegistryError(f"{version}: {rel} listed in the manifest is missing")
             actual = sha256_file(path)
             if actual != expected:
@@ -145,15 +170,19 @@ class Registry:
                                     f"file {actual[:12]}…): refusing to load a modified model")
         return manifest
 
-    def resolve(self, version: str | None = None) -> tuple[Path, Manifest]:
-        """The verified directory and manifest of ``version`` (default: ``current``)."""
+    def resolve(self, version: str | None = None, sha256: str | None = None) -> tuple[Path, Manifest]:
+        """The verified directory and manifest of ``version`` (default: ``current``). ``sha256``: the
+        model.onnx hash a ModelEvent announced; a version whose model.onnx differs is refused."""
         if version is None:
             if not self.root.is_dir():
                 raise UsageError(f"no model registry at {self.root}: train one with `fabwatch train`")
             version = self.current_version()
             if version is None:
                 raise UsageError(f"registry {self.root} has no current version: promote one first")
-        return self.root / version, self.verify(version)
+        manifest = self.verify(version)
+        if sha256 is not None and manifest.files["model.onnx"] != sha256:
+            raise RegistryError(f"{version}: model.onnx is not the one announced (sha256 {sha256[:12]}…): not loaded")
+        return self.version_dir(version), manifest
 
     # ---- writing ---------------------------------------------------------------------------
     def stage(self) -> Path:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import orjson
 
-from fabwatch.stream.schemas import MAX_TS_MS, ReadingDecoder, Rejected, RejectReason
+from fabwatch.stream.schemas import MAX_TS_MS, EventTimeBounds, ReadingDecoder, Rejected, RejectReason
 
 _NUMBER = {int, float}
 _FAST_KEYS = {"entity", "ts", "values"}
@@ -33,17 +33,22 @@ class DecodedColumns:
 
 
 class BatchDecoder:
-    def __init__(self, feature_names: Sequence[str], max_bytes: int = 1_000_000):
-        self.slow = ReadingDecoder(feature_names, max_bytes)
+    def __init__(self, feature_names: Sequence[str], max_bytes: int = 1_000_000,
+                 bounds: EventTimeBounds | None = None):
+        """``bounds``: event-time bounds against each message's broker timestamp (None: unchecked)."""
+        self.slow = ReadingDecoder(feature_names, max_bytes)  # bounds are checked for the whole batch below
         self.width = len(self.slow.feature_names)
         self.max_bytes = max_bytes
+        self.bounds = bounds
 
     def _slow(self, raw: bytes | None) -> tuple[str, int, list, int]:
         reading, vector = self.slow.decode(raw)
         return reading.entity, reading.ts, vector.tolist(), -1 if reading.label is None else reading.label
 
-    def decode(self, raws: Sequence[bytes | None]) -> DecodedColumns:
-        """Columns of the good messages and the reason for each bad one, in input order.
+    def decode(self, raws: Sequence[bytes | None], broker_ms: np.ndarray | None = None,
+               now_ms: int | None = None) -> DecodedColumns:
+        """Columns of the good messages and the reason for each bad one, in input order; it never raises
+        for a message. ``broker_ms`` (int64 [len(raws)]) are the messages' broker timestamps.
 
         Fast path, inlined because it runs once per message: ``{"entity": str, "ts": int >= 0,
         "values": [F items]}`` and nothing else. The element types of ``values`` are checked for the
@@ -100,14 +105,24 @@ class BatchDecoder:
         ts_arr = np.asarray(ts, dtype=np.int64) if ts and max(ts) < MAX_TS_MS else np.asarray(
             [t if t < MAX_TS_MS else -1 for t in ts], dtype=np.int64)
         finite = np.isfinite(values).all(axis=1)
-        good = finite & (ts_arr >= 0)
+        in_range = ts_arr >= 0
+        skewed = np.zeros(len(rows), bool) if self.bounds is None else self.bounds.outside(
+            ts_arr, None if broker_ms is None else np.asarray(broker_ms, np.int64)[index], now_ms)
+        good = finite & in_range & ~skewed
         good[list(dropped)] = False
-        if not good.all():  # finite doubles beyond float32's range, or timestamps beyond year 3084
+        if not good.all():  # doubles beyond float32's range, timestamps beyond year 3084 or the skew bounds
             for j in np.flatnonzero(~good).tolist():
                 if j in dropped:
                     continue
-                rejected.append((index[j], Rejected(RejectReason.non_finite, "a value overflows float32")
-                                 if not finite[j] else Rejected(RejectReason.bad_timestamp, "timestamp out of range")))
+                if not finite[j]:
+                    exc = Rejected(RejectReason.non_finite, "a value overflows float32")
+                elif not in_range[j]:
+                    exc = Rejected(RejectReason.bad_timestamp, "timestamp out of range")
+                else:
+                    assert self.bounds is not None
+                    exc = Rejected(RejectReason.clock_skew, self.bounds.detail(int(ts_arr[j]), None if broker_ms is None
+                                                                              else int(broker_ms[index[j]])))
+                rejected.append((index[j], exc))
             keep = np.flatnonzero(good)
             index, keys = [index[j] for j in keep], [keys[j] for j in keep]
             ts_arr, values, label_arr = ts_arr[keep], values[keep], label_arr[keep]

@@ -21,6 +21,8 @@ class ProcessorMetrics:
         self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
         self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state"], registry=r)
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
+        self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
+                                "the message is skipped, only the log names it", ["reason"], registry=r)
         self.duplicates = Counter("fabwatch_duplicates", "identical re-sends dropped (same entity, timestamp and values)", registry=r)
         self.evicted = Counter("fabwatch_keys_evicted", "keys evicted from the window store", ["why"], registry=r)
         self.reloads = Counter("fabwatch_model_reloads", "model hot reloads", ["result"], registry=r)

@@ -6,6 +6,8 @@ Delivery
     transaction holding its outputs and its offsets (``send_offsets_to_transaction`` with the
     consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
     the assignment rewound to the committed offsets.
+    Dead letters never hold a batch back: one that cannot be produced even without its payload is
+    counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
 State across restarts and rebalances
     Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
@@ -42,8 +44,8 @@ from fabwatch.stream.engine import EngineResult, ScoringEngine
 from fabwatch.stream.kafka.lifecycle import StopOnSignal
 from fabwatch.stream.metrics import MetricsServer, ProcessorMetrics
 from fabwatch.stream.policy import PolicyConfig
-from fabwatch.stream.kafka.outputs import DeliveryTracker, dead_letter
-from fabwatch.stream.schemas import ModelEvent, RejectReason
+from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
+from fabwatch.stream.schemas import Rejected, RejectReason, decode_model_event
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
 
@@ -73,6 +75,11 @@ class ProcessorConfig:
     providers: Sequence[str] | None = None
 
 
+def _broker_ms(msgs: Sequence[Message]) -> np.ndarray:
+    """int64 [n]: the messages' broker timestamps (<= 0 where the broker gave none)."""
+    return np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
+
+
 class Processor(StopOnSignal):
     def __init__(self, settings: Settings, config: ProcessorConfig):
         self.settings, self.config = settings, config
@@ -81,7 +88,7 @@ class Processor(StopOnSignal):
         model = ScoringModel.from_registry(self.registry, providers=config.providers)
         self.engine = ScoringEngine(model, config.policy, config.stride, config.max_keys, config.key_ttl_s,
                                     config.max_batch)
-        self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes)
+        self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
         self.metrics.set_model(model.version, model.provider)
         self._stop = threading.Event()
@@ -106,6 +113,8 @@ class Processor(StopOnSignal):
             producer_conf.update({"transactional.id": f"{config.group_id}-{config.instance_id}",
                                   "transaction.timeout.ms": config.transaction_timeout_ms})
         self.producer = Producer(producer_conf)
+        self.dead_letters = DeadLetters(self.producer, self.topics.dlq,
+                                        lambda reason: self.metrics.dlq_lost.labels(reason=reason.value).inc())
         self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
                                    "isolation.level": "read_committed", "enable.partition.eof": True})
 
@@ -173,7 +182,7 @@ class Processor(StopOnSignal):
         self.metrics.consumed.inc(n)
         partitions = np.fromiter((m.partition() for m in good), dtype=np.int32, count=n)
         offsets = np.fromiter((m.offset() for m in good), dtype=np.int64, count=n)
-        cols = self.decoder.decode([m.value() for m in good])
+        cols = self.decoder.decode([m.value() for m in good], _broker_ms(good))
         ingest = np.fromiter((good[i].timestamp()[1] for i in cols.index.tolist()), dtype=np.float64,
                              count=len(cols.index))
         result = self.engine.process(cols.keys, cols.ts, cols.values, partitions=partitions[cols.index],
@@ -200,9 +209,7 @@ class Processor(StopOnSignal):
                   "with other values: the first one is kept") for i in conflicts.tolist()]
         on_delivery = self._delivery.on_delivery
         for i, reason, detail in dead:
-            m = msgs[i]
-            produce(topics.dlq, dead_letter(m, reason, detail, now_ms).model_dump_json().encode(), m.key(),
-                    on_delivery=on_delivery)
+            self.dead_letters.send(msgs[i], reason, detail, now_ms)
             self.metrics.dlq.labels(reason=reason.value).inc()
         for alert in result.alerts:
             produce(topics.alerts, alert.model_dump_json().encode(), alert.entity.encode(),
@@ -347,7 +354,7 @@ class Processor(StopOnSignal):
             msgs = self._read_range(partition, lo, hi)
             chunks.insert(0, msgs)
             total += len(msgs)
-            cols = self.decoder.decode([m.value() for m in msgs])
+            cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
             new_keys = False
             for k in cols.keys:
                 new_keys |= k not in counts
@@ -357,7 +364,7 @@ class Processor(StopOnSignal):
             hi, size = lo, size * 2
         msgs = [m for chunk in chunks for m in chunk]
         if msgs:
-            cols = self.decoder.decode([m.value() for m in msgs])
+            cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
             self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
 
     def _read_range(self, partition: int, lo: int, hi: int) -> list[Message]:
@@ -408,24 +415,27 @@ class Processor(StopOnSignal):
         tried: str | None = self.engine.version
         pointer = self.registry.current_version()
         while not self._stop.is_set():
-            wanted = None
+            wanted: tuple[str, str | None] | None = None  # (version, the model.onnx sha256 an event announced)
             if self.registry.current_version() != pointer:
-                pointer = wanted = self.registry.current_version()
+                pointer = self.registry.current_version()
+                wanted = None if pointer is None else (pointer, None)
             for m in events.consume(100, self.config.reload_interval_s):
                 if m.error() is None:
                     try:
-                        wanted = ModelEvent.model_validate_json(m.value()).version
-                    except ValueError as exc:
-                        log.warning("ignoring a malformed model event: %s", exc)
-            if wanted is None or wanted == tried:
+                        event = decode_model_event(m.value())
+                    except Rejected as exc:
+                        log.warning("ignoring a model event (%s): still serving %s", exc, self.engine.version)
+                        continue
+                    wanted = (event.version, event.sha256)
+            if wanted is None or wanted[0] == tried:
                 continue
-            tried = wanted
-            self._load(wanted)
+            tried = wanted[0]
+            self._load(*wanted)
         events.close()
 
-    def _load(self, version: str) -> None:
+    def _load(self, version: str, sha256: str | None) -> None:
         try:
-            vdir, manifest = self.registry.resolve(version)
+            vdir, manifest = self.registry.resolve(version, sha256)
             model = ScoringModel(vdir, manifest, self.config.providers)
             self.engine.check_compatible(model)
         except Exception as exc:  # any failure keeps the serving model; say why

@@ -8,14 +8,17 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence, TypeVar
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, ValidationError, WithJsonSchema,
                       field_validator, model_validator)
 from pydantic_core import PydanticCustomError
+
+from fabwatch.export.registry import VERSION_PATTERN
 
 
 class RejectReason(StrEnum):
@@ -29,31 +32,43 @@ class RejectReason(StrEnum):
     too_large = "too_large"
     late = "late"
     conflicting_duplicate = "conflicting_duplicate"  # same entity and ts as an accepted reading, other values
+    clock_skew = "clock_skew"
+    internal = "internal"
+
+
+MAX_TS_MS = 1 << 45  # the window store's limit (year 3084); bounds timestamps before any float conversion
 
 
 Number = StrictFloat  # ints are accepted; "1.5" (a string) is a schema error, not a number
 
 
 def parse_timestamp_ms(value: Any) -> int:
-    """Epoch milliseconds (number) or ISO-8601 (string; naive means UTC) -> epoch ms."""
+    """Epoch milliseconds (number) or ISO-8601 (string; naive means UTC) -> epoch ms in [0, MAX_TS_MS).
+
+    Integers are compared before any float conversion: ``1e309`` written as an integer overflows one."""
     if isinstance(value, bool):
         raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601, got a boolean")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
-            raise PydanticCustomError("bad_timestamp", "timestamp must be a finite, non-negative epoch ms")
-        return int(value)
-    if isinstance(value, str):
+    if isinstance(value, int):
+        ms = value
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("bad_timestamp", "timestamp must be a finite epoch ms")
+        ms = int(value)
+    elif isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value)
-        except ValueError:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            ms = int(dt.timestamp() * 1000)
+        except (ValueError, OverflowError):  # not ISO-8601, or a date that leaves the UTC range
             raise PydanticCustomError("bad_timestamp", "timestamp string is not ISO-8601: {value}", {"value": value[:64]})
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return int(dt.timestamp() * 1000)
-    raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601")
+    else:
+        raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms or ISO-8601")
+    if not 0 <= ms < MAX_TS_MS:
+        raise PydanticCustomError("bad_timestamp", "timestamp must be epoch ms in [0, 2^45) (1970 to 3084)")
+    return ms
 
 
-MAX_TS_MS = 1 << 45  # the window store's limit (year 3084)
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # windows are float32: a larger value is non_finite
 # The ISO-8601 profile of a reading's ``ts``, as a JSON Schema (ECMA-262) pattern: a calendar date from 1970 to
 # 3083, optionally a time (``T`` or a space; seconds and their fraction optional) and ``Z`` or ``+HH:MM`` (none
@@ -96,10 +111,7 @@ class Reading(BaseModel):
         if isinstance(v, str) and not _ISO_TS.fullmatch(v):
             raise PydanticCustomError("bad_timestamp", "timestamp string is not ISO-8601 (YYYY-MM-DD[THH:MM[:SS[.f]]]"
                                       "[Z|+HH:MM], 1970-3083): {value}", {"value": v[:64]})
-        ms = parse_timestamp_ms(v)
-        if ms >= MAX_TS_MS or ms < 0:  # an offset can take 1970-01-01 below zero
-            raise PydanticCustomError("bad_timestamp", "timestamp out of range")
-        return ms
+        return parse_timestamp_ms(v)  # bounded to [0, MAX_TS_MS): an offset can take 1970-01-01 below zero
 
     @model_validator(mode="after")
     def _one_shape(self) -> "Reading":
@@ -116,12 +128,58 @@ class Rejected(Exception):
         self.reason = reason
         self.detail = detail
 
+    @classmethod
+    def internal(cls, exc: Exception) -> "Rejected":
+        """An exception no validator foresaw: the message is dead-lettered instead of crash-looping the
+        consumer on it; the exception type in the detail says what to fix."""
+        return cls(RejectReason.internal, f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+class EventTimeBounds(BaseModel):
+    """How far a reading's event time may lie from when it was produced. Outside, it is dead-lettered as
+    ``clock_skew``: one reading dated 2100 (or in microseconds) would otherwise make every later reading of
+    its entity ``late`` and fill the store with future days.
+
+    The reference is the earlier of the message's broker timestamp and the wall clock: a producer can set
+    any broker timestamp, and the wall clock alone would judge a re-read (a rebuild) differently from
+    the first read. ``None`` switches a side off; the past side is off by default because replaying
+    recorded history (``fabwatch replay``) produces old event times now."""
+
+    future_ms: int | None = Field(default=600_000, ge=0)
+    past_ms: int | None = Field(default=None, ge=0)
+
+    def outside(self, ts: np.ndarray, broker_ms: np.ndarray | None, now_ms: int | None = None) -> np.ndarray:
+        """bool [n]: which event times ``ts`` (int64 [n]) lie outside the bounds; ``broker_ms`` <= 0 is unknown."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        ref = np.full(len(ts), now_ms, np.int64)
+        if broker_ms is not None:
+            ref = np.where((broker_ms > 0) & (broker_ms < now_ms), broker_ms, ref)
+        out = np.zeros(len(ts), bool)
+        if self.future_ms is not None:
+            out |= ts > ref + self.future_ms
+        if self.past_ms is not None:
+            out |= ts < ref - self.past_ms
+        return out
+
+    def check(self, ts: int, broker_ms: int | None, now_ms: int | None = None) -> None:
+        """``Rejected(clock_skew)`` when one event time lies outside the bounds."""
+        broker = None if broker_ms is None else np.asarray([broker_ms], np.int64)
+        if self.outside(np.asarray([ts], np.int64), broker, now_ms)[0]:
+            raise Rejected(RejectReason.clock_skew, self.detail(ts, broker_ms))
+
+    def detail(self, ts: int, broker_ms: int | None) -> str:
+        return (f"event time {ts} is more than {self.future_ms} ms after or {self.past_ms} ms before its "
+                f"broker timestamp {broker_ms} / the wall clock")
+
 
 _ERROR_REASONS = {
     "json_invalid": RejectReason.bad_json,
     "finite_number": RejectReason.non_finite,
     "bad_timestamp": RejectReason.bad_timestamp,
 }
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 def _reason_of(err: ValidationError) -> tuple[RejectReason, str]:
@@ -131,31 +189,58 @@ def _reason_of(err: ValidationError) -> tuple[RejectReason, str]:
     return reason, f"{where}: {first['msg']}"
 
 
+def _validate_json(model: type[_M], raw: bytes | None, max_bytes: int) -> _M:
+    """Raw Kafka value -> ``model``, or ``Rejected`` with a reason; it never raises anything else."""
+    if raw is None:
+        raise Rejected(RejectReason.bad_json, "empty message (null value)")
+    if len(raw) > max_bytes:
+        raise Rejected(RejectReason.too_large, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise Rejected(*_reason_of(err)) from None
+    except Exception as exc:
+        raise Rejected.internal(exc) from exc
+
+
 class ReadingDecoder:
     """Decode raw Kafka values into (reading, float32 vector) in the serving model's feature order."""
 
-    def __init__(self, feature_names: Sequence[str], max_bytes: int = 1_000_000):
+    def __init__(self, feature_names: Sequence[str], max_bytes: int = 1_000_000,
+                 bounds: EventTimeBounds | None = None):
+        """``bounds``: event-time bounds checked by ``decode`` (None: unchecked, for recorded files)."""
         self.feature_names = list(feature_names)
         self.index = {name: i for i, name in enumerate(self.feature_names)}
         self.max_bytes = max_bytes
+        self.bounds = bounds
 
-    def decode(self, raw: bytes | None) -> tuple[Reading, np.ndarray]:
-        if raw is None:
-            raise Rejected(RejectReason.bad_json, "empty message (null value)")
-        if len(raw) > self.max_bytes:
-            raise Rejected(RejectReason.too_large, f"{len(raw)} bytes exceeds the {self.max_bytes}-byte limit")
+    def decode(self, raw: bytes | None, broker_ms: int | None = None,
+               now_ms: int | None = None) -> tuple[Reading, np.ndarray]:
+        """(reading, vector), or ``Rejected`` with a reason; it never raises anything else."""
+        reading = _validate_json(Reading, raw, self.max_bytes)
+        if self.bounds is not None:
+            self.bounds.check(reading.ts, broker_ms, now_ms)
         try:
-            reading = Reading.model_validate_json(raw)
-        except ValidationError as err:
-            raise Rejected(*_reason_of(err)) from None
-        return reading, self.vector(reading)
+            return reading, self.vector(reading)
+        except Rejected:
+            raise
+        except Exception as exc:
+            raise Rejected.internal(exc) from exc
 
     def vector(self, reading: Reading) -> np.ndarray:
+        """float32 [F] in the model's order; finite doubles beyond float32's range are ``non_finite``."""
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            vec = np.asarray(self._ordered(reading), dtype=np.float32)
+        if not np.isfinite(vec).all():
+            raise Rejected(RejectReason.non_finite, "a value overflows float32")
+        return vec
+
+    def _ordered(self, reading: Reading) -> list[float]:
         width = len(self.feature_names)
         if reading.values is not None:
             if len(reading.values) != width:
                 raise Rejected(RejectReason.wrong_width, f"{len(reading.values)} values, the model expects {width}")
-            return np.asarray(reading.values, dtype=np.float32)
+            return reading.values
         assert reading.features is not None
         unknown = [k for k in reading.features if k not in self.index]
         if unknown:
@@ -163,7 +248,7 @@ class ReadingDecoder:
         missing = [k for k in self.feature_names if k not in reading.features]
         if missing:
             raise Rejected(RejectReason.missing_feature, f"missing feature(s) {missing[:5]}")
-        return np.asarray([reading.features[k] for k in self.feature_names], dtype=np.float32)
+        return [reading.features[k] for k in self.feature_names]
 
 
 class LogKey(BaseModel):
@@ -185,14 +270,7 @@ class LogKey(BaseModel):
 
 def decode_logkey(raw: bytes | None, max_bytes: int = 1_000_000) -> LogKey:
     """Raw Kafka value -> ``LogKey``, or ``Rejected`` with the same reason codes as readings."""
-    if raw is None:
-        raise Rejected(RejectReason.bad_json, "empty message (null value)")
-    if len(raw) > max_bytes:
-        raise Rejected(RejectReason.too_large, f"{len(raw)} bytes exceeds the {max_bytes}-byte limit")
-    try:
-        return LogKey.model_validate_json(raw)
-    except ValidationError as err:
-        raise Rejected(*_reason_of(err)) from None
+    return _validate_json(LogKey, raw, max_bytes)
 
 
 # ---- outgoing messages --------------------------------------------------------------------------
@@ -238,7 +316,10 @@ def alert_id_for(entity: str, window_end_ts: int, model_version: str, state: str
 class DeadLetter(BaseModel):
     """A message the processor could not use, on ``fabwatch.dlq``."""
 
-    value_b64: str = Field(description="the original message bytes, base64")
+    value_b64: str = Field(description="the original message bytes, base64 (only the first ones when truncated)")
+    value_bytes: int = Field(description="length of the original message in bytes")
+    value_sha256: str = Field(description="sha256 (hex) of the whole original message")
+    truncated: bool = Field(default=False, description="the message was over the dead-letter size limit")
     key: str | None = None
     source: SourceOffset
     reason: RejectReason
@@ -247,12 +328,18 @@ class DeadLetter(BaseModel):
 
 
 class ModelEvent(BaseModel):
-    """A registry change on ``fabwatch.models``; processors hot-reload on it."""
+    """A registry change on ``fabwatch.models``; processors hot-reload on it. ``version`` names a folder
+    inside the registry and ``sha256`` is its model.onnx's: an event can point at a version, not at a path."""
 
-    version: str
+    version: str = Field(pattern=VERSION_PATTERN, max_length=32)
     action: Literal["promoted", "rolled_back"]
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     ts: int
+
+
+def decode_model_event(raw: bytes | None, max_bytes: int = 64_000) -> ModelEvent:
+    """Raw Kafka value -> ``ModelEvent``, or ``Rejected`` with a reason (the watcher logs and skips it)."""
+    return _validate_json(ModelEvent, raw, max_bytes)
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {

@@ -104,3 +104,64 @@ def test_registry_cli_list_promote_rollback(tmp_path: Path) -> None:
 
     missing = runner.invoke(app, ["registry", "promote", "v0042", "--registry", str(tmp_path)])
     assert missing.exit_code != 0 and "no version v0042" in str(missing.exception)
+
+
+# ---- a version name or a manifest must not choose what serves (issue #16) ------------------------
+
+@pytest.fixture
+def reg_outside(tmp_path: Path) -> tuple[Registry, Path]:
+    """A registry and, beside it, a complete version directory outside it."""
+    add_version(tmp_path / "elsewhere")
+    return Registry(tmp_path / "registry"), tmp_path / "elsewhere" / "v0001"
+
+
+@pytest.mark.parametrize("name", ["../elsewhere/v0001", "ABSOLUTE", "v0001/..", "current", "", "v1"])
+def test_a_version_name_that_is_a_path_is_refused(reg_outside, name: str) -> None:
+    reg, outside = reg_outside
+    add_version(reg.root)
+    with pytest.raises(RegistryError, match="not a version name"):
+        reg.resolve(str(outside) if name == "ABSOLUTE" else name)
+
+
+def test_a_version_folder_linking_outside_the_registry_is_refused(reg_outside) -> None:
+    reg, outside = reg_outside
+    add_version(reg.root)
+    (reg.root / "v0002").symlink_to(outside)
+    with pytest.raises(RegistryError, match="outside the registry"):
+        reg.resolve("v0002")
+
+
+def _rewrite_manifest(reg: Registry, version: str, **changes) -> None:
+    path = reg.root / version / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_manifest_that_does_not_list_model_onnx_is_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    version = add_version(tmp_path)
+    _rewrite_manifest(reg, version, files={})
+    with pytest.raises(RegistryError, match="does not list model.onnx"):
+        reg.resolve(version)
+
+
+def test_an_unlisted_file_or_a_listed_path_outside_the_version_is_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    version = add_version(tmp_path)
+    (tmp_path / version / "model.fp16.onnx").write_bytes(b"not listed")
+    with pytest.raises(RegistryError, match="not listed in the manifest"):
+        reg.resolve(version)
+    (tmp_path / version / "model.fp16.onnx").unlink()
+    (tmp_path / "secret").write_bytes(b"s")
+    files = reg.manifest(version).files
+    _rewrite_manifest(reg, version, files={**files, "../secret": registry_mod.sha256_file(tmp_path / "secret")})
+    with pytest.raises(RegistryError, match="leads outside the version"):
+        reg.resolve(version)
+
+
+def test_the_announced_sha256_must_be_the_model_onnx_loaded(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    version = add_version(tmp_path)
+    good = reg.manifest(version).files["model.onnx"]
+    assert reg.resolve(version, good)[1].version == version
+    with pytest.raises(RegistryError, match="not the one announced"):
+        reg.resolve(version, "0" * 64)

@@ -56,7 +56,7 @@ def alerts_of(raw: list[bytes]) -> list[dict]:
 
 def test_spike_raises_an_alert_for_that_entity_and_clean_data_none(topics, registry, tmp_path) -> None:
     spiky = readings(ENTITIES, 260, spikes={"OHT-007": [180, 181]}, seed=1)
-    clean = readings(ENTITIES, 260, seed=2, t0=1_800_000_000_000)  # later timestamps: not late
+    clean = readings(ENTITIES, 260, seed=2, t0=1_750_000_000_000)  # later, not future (clock_skew)
     produce(topics, topics.topics.sensors, clean)
     log = tmp_path / "serve.log"
     proc = start_serve(topics, registry, "--emit-scores", log_path=log)

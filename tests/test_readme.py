@@ -59,7 +59,7 @@ def _code(text: str) -> list[str]:
 def _walk() -> tuple[Any, dict[tuple[str, ...], Any]]:
     """Every command path of the CLI (typer's vendored click objects), the root as ()."""
     root = typer.main.get_command(app)
-    paths: dict[tuple[str, ...], click.Command] = {}
+    paths: dict[tuple[str, ...], Any] = {}
 
     def visit(cmd: Any, path: tuple[str, ...]) -> None:
         paths[path] = cmd

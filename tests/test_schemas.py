@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fabwatch.stream.schemas import Alert, ReadingDecoder, Rejected, RejectReason, alert_id_for
+from fabwatch.stream.decode import BatchDecoder
+from fabwatch.stream.schemas import Alert, EventTimeBounds, ReadingDecoder, Rejected, RejectReason, alert_id_for
 
 FEATURES = ["speed", "current", "temp"]
 decoder = ReadingDecoder(FEATURES, max_bytes=1_000_000)
@@ -39,6 +40,16 @@ BAD = [
     ("array, not object", _j([1, 2, 3]), RejectReason.schema),
     ("bad label", _j({"entity": "a", "ts": 1, "values": [1, 2, 3], "label": 7}), RejectReason.schema),
     ("10 MB message", _j({"entity": "a", "ts": 1, "values": [1.0] * 2_000_000}), RejectReason.too_large),
+    ("ts 1e309 as an integer", b'{"entity": "a", "ts": 1' + b"0" * 309 + b', "values": [1, 2, 3]}',
+     RejectReason.bad_timestamp),
+    ("ts in microseconds", _j({"entity": "a", "ts": 1_790_000_000_000_000, "values": [1, 2, 3]}),
+     RejectReason.bad_timestamp),
+    ("ts 1e400", b'{"entity": "a", "ts": 1e400, "values": [1, 2, 3]}', RejectReason.bad_timestamp),
+    ("ISO date out of range", _j({"entity": "a", "ts": "9999-12-31T23:59:59-23:59", "values": [1, 2, 3]}),
+     RejectReason.bad_timestamp),
+    ("value beyond float32", b'{"entity": "a", "ts": 1, "values": [1, 2, 3.5e38]}', RejectReason.non_finite),
+    ("value 1e309 as an integer", b'{"entity": "a", "ts": 1, "values": [1, 2, 1' + b"0" * 309 + b"]}",
+     RejectReason.non_finite),
 ]
 
 
@@ -175,3 +186,39 @@ def test_reading_schema_and_decoder_give_the_same_verdict(text: str, accepted: b
     by_decoder = len(decoded.index) == 1
     detail = [r.detail for _, r in decoded.rejected]
     assert (by_schema, by_decoder) == (accepted, accepted), (list(validator.iter_errors(instance))[:1], detail)
+
+NOW = 1_795_000_000_000
+BOUNDS = EventTimeBounds(future_ms=600_000, past_ms=86_400_000)
+
+
+@pytest.mark.parametrize("ts,broker_ms,ok", [
+    (NOW, NOW, True), (NOW + 599_000, NOW, True), (NOW + 601_000, NOW, False),  # future, by the broker timestamp
+    (4_102_444_800_000, NOW, False),                                            # dated 2100
+    (NOW + 601_000, NOW + 3_600_000, False),  # a broker timestamp ahead of the wall clock does not widen it
+    (NOW + 601_000, -1, False),               # no broker timestamp: the wall clock
+    (NOW - 86_399_000, NOW, True), (NOW - 86_401_000, NOW, False),              # past
+])
+def test_event_time_is_bounded_against_the_broker_timestamp_and_the_wall_clock(ts, broker_ms, ok):
+    raw = _j({"entity": "a", "ts": ts, "values": [1, 2, 3]})
+    bounded = ReadingDecoder(FEATURES, bounds=BOUNDS)
+    cols = BatchDecoder(FEATURES, bounds=BOUNDS).decode([raw], np.array([broker_ms]), now_ms=NOW)
+    if ok:
+        assert bounded.decode(raw, broker_ms, now_ms=NOW)[0].ts == ts and cols.ts.tolist() == [ts]
+    else:
+        with pytest.raises(Rejected) as err:
+            bounded.decode(raw, broker_ms, now_ms=NOW)
+        assert err.value.reason == RejectReason.clock_skew
+        assert [(i, r.reason) for i, r in cols.rejected] == [(0, RejectReason.clock_skew)]
+
+
+def test_an_unforeseen_exception_is_a_dead_letter_reason_not_a_crash(monkeypatch):
+    def boom(self, reading):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(ReadingDecoder, "vector", boom)
+    raw = _j({"entity": "a", "ts": 1, "features": {"speed": 1, "current": 2, "temp": 3}})
+    with pytest.raises(Rejected) as err:
+        decoder.decode(raw)
+    assert err.value.reason == RejectReason.internal and "ZeroDivisionError" in err.value.detail
+    cols = BatchDecoder(FEATURES).decode([raw, _j({"entity": "a", "ts": 2, "values": [1, 2, 3]})])
+    assert [(i, r.reason) for i, r in cols.rejected] == [(0, RejectReason.internal)] and cols.index.tolist() == [1]

@@ -53,6 +53,15 @@ def test_retention_by_age_then_size(tmp_path):
     assert len(store.files()) == 1 and store.files()[0].parent.name == "day=2026-09-25"
 
 
+def test_retention_is_not_counted_from_a_day_in_the_future(tmp_path):
+    """A reading dated 2100 that got in (before the clock-skew bounds) must not make every real day old."""
+    store = _store(tmp_path)
+    for t in (T0, 4_102_444_800_000):
+        store.write(["e"], np.array([t], np.int64), np.ones((1, 2), np.float32), np.zeros(1, np.int8))
+    store.enforce_retention(max_age_days=3650)
+    assert [p.parent.name for p in store.files()] == ["day=2026-09-21", "day=2100-01-01"]
+
+
 @pytest.mark.integration
 def test_writer_stores_valid_readings_and_commits_after_the_file(settings: Settings, tmp_path):
     ensure_topics(settings, [settings.topics.sensors])
@@ -60,7 +69,11 @@ def test_writer_stores_valid_readings_and_commits_after_the_file(settings: Setti
     for i in range(300):
         producer.produce(settings.topics.sensors, json.dumps(
             {"entity": f"e{i % 3}", "ts": T0 + i * 1000, "values": [i, -i], "label": i % 2}).encode())
-    producer.produce(settings.topics.sensors, b"not json")
+    pills = [b"not json", b'{"entity": "e0", "ts": 1' + b"0" * 309 + b', "values": [1, 2]}',  # OverflowError once
+             json.dumps({"entity": "e0", "ts": (T0 + 5) * 1000, "values": [1, 2]}).encode(),  # microseconds
+             json.dumps({"entity": "e0", "ts": 4_102_444_800_000, "values": [1, 2]}).encode()]  # 2100: clock_skew
+    for pill in pills:
+        producer.produce(settings.topics.sensors, pill)
     producer.flush(10)
 
     store = _store(tmp_path)
@@ -70,7 +83,7 @@ def test_writer_stores_valid_readings_and_commits_after_the_file(settings: Setti
     while writer.poll_once(1.0) < 300 and time.monotonic() < deadline:
         pass
     writer.close()
-    assert writer.stats.rows_written == 300 and writer.stats.skipped_invalid == 1
+    assert writer.stats.rows_written == 300 and writer.stats.skipped_invalid == len(pills)
     assert store.rows() == 300
 
     # a restart resumes from the committed offsets: nothing is read twice

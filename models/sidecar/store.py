@@ -107,13 +107,16 @@ class ReadingStore:
                           now_ms: int | None = None) -> int:
         """Delete whole days older than ``max_age_days``, then the oldest files beyond ``max_bytes``.
 
-        Age is measured from the newest day in the store (not the wall clock), so replayed history
-        is kept the same way live data is."""
+        Without ``now_ms``, age counts from the end of the newest day held or from the wall clock,
+        whichever is earlier: replayed history is kept like live data, and a day dated in the future
+        (which the writer's clock-skew bounds keep out) cannot make every real day look old."""
         removed = 0
         files = self.files()
-        if now_ms is None and files:
-            newest = datetime.strptime(files[-1].parent.name.removeprefix("day="), "%Y-%m-%d")
-            now_ms = int(newest.replace(tzinfo=timezone.utc).timestamp() * 1000) + 86_400_000
+        if now_ms is None:
+            now_ms = int(time.time() * 1000)
+            if files:
+                newest = datetime.strptime(files[-1].parent.name.removeprefix("day="), "%Y-%m-%d")
+                now_ms = min(now_ms, int(newest.replace(tzinfo=timezone.utc).timestamp() * 1000) + 86_400_000)
         if max_age_days is not None:
             cutoff = datetime.fromtimestamp((now_ms / 1000) - max_age_days * 86_400, timezone.utc).strftime("%Y-%m-%d")
             for p in files:
@@ -148,7 +151,7 @@ class StoreWriter:
         """``stats``: counters to carry on from an earlier writer of the same store."""
         self.settings = settings
         self.store = store
-        self.decoder = ReadingDecoder(store.feature_names, settings.max_message_bytes)
+        self.decoder = ReadingDecoder(store.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.stats = stats if stats is not None else StoreStats()
@@ -173,8 +176,8 @@ class StoreWriter:
                     log.warning("consume error: %s", msg.error())
                 continue
             try:
-                reading, vec = self.decoder.decode(msg.value())
-            except Rejected:
+                reading, vec = self.decoder.decode(msg.value(), broker_ms=msg.timestamp()[1])
+            except Rejected:  # the decoder raises nothing else: no message can stop the writer
                 self.stats.skipped_invalid += 1  # the processor dead-letters these
                 continue
             self._entity.append(reading.entity)

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fabwatch.export.errors import UsageError
+from fabwatch.stream.schemas import EventTimeBounds
 
 
 class TopicNames(BaseSettings):
@@ -40,6 +41,12 @@ class Settings(BaseSettings):
     partitions: int = Field(default=3, ge=1, description="partitions for topics fabwatch creates")
     replication_factor: int = Field(default=1, ge=1)
     max_message_bytes: int = Field(default=1_000_000, ge=1024, description="readings larger than this go to the DLQ as too_large")
+    max_future_skew_s: float | None = Field(
+        default=600.0, ge=0, description="readings dated further after their broker timestamp (or the wall clock) "
+        "go to the DLQ as clock_skew; unset: unbounded")
+    max_past_skew_s: float | None = Field(
+        default=None, ge=0, description="readings dated further before their broker timestamp go to the DLQ as "
+        "clock_skew; unset (the default): unbounded, so recorded history can be replayed")
 
     security_protocol: str | None = None
     sasl_mechanism: str | None = None
@@ -70,6 +77,11 @@ class Settings(BaseSettings):
                 "run `fabwatch broker up`, or set KAFKA_BOOTSTRAP_SERVERS"
             )
         return state.bootstrap
+
+    def event_time_bounds(self) -> EventTimeBounds:
+        """The clock-skew bounds every reading consumer checks (processor and trainer store alike)."""
+        ms = lambda s: None if s is None else int(s * 1000)  # noqa: E731
+        return EventTimeBounds(future_ms=ms(self.max_future_skew_s), past_ms=ms(self.max_past_skew_s))
 
     def client_config(self, **overrides: Any) -> dict[str, Any]:
         """librdkafka configuration shared by producers, consumers and the admin client."""

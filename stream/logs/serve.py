@@ -43,7 +43,7 @@ from fabwatch.export.errors import UsageError
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.lifecycle import StopOnSignal
 from fabwatch.stream.logs.score import UNK, LogKeyScorer, next_key_ranks
-from fabwatch.stream.kafka.outputs import DeliveryTracker, dead_letter
+from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.windows import OK, WindowStore
@@ -198,12 +198,13 @@ class LogServer(StopOnSignal):
         self._next_offset: dict[int, int] = {}
         self._delivery = DeliveryTracker()
         self._failed = False
-        self.counts = {"consumed": 0, "dead_letters": 0, "alerts": 0}
+        self.counts = {"consumed": 0, "dead_letters": 0, "dead_letters_lost": 0, "alerts": 0}
         base = settings.client_config()
         self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "client.id": f"fabwatch-logs-{config.instance_id}"})
         self.producer = Producer({**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                                   "client.id": f"fabwatch-logs-{config.instance_id}"})
+        self.dead_letters = DeadLetters(self.producer, self.topics.dlq, lambda _reason: self._count("dead_letters_lost"))
 
     def run(self) -> None:
         cfg, topics = self.config, self.topics
@@ -247,7 +248,8 @@ class LogServer(StopOnSignal):
             try:
                 good.append(decode_logkey(m.value(), self.settings.max_message_bytes))
             except Rejected as exc:
-                self._dead_letter(m, exc)
+                self.dead_letters.send(m, exc.reason, exc.detail, int(time.time() * 1000))
+                self._count("dead_letters")
                 continue
             sources.append(source)
             ingest.append(m.timestamp()[1])
@@ -257,11 +259,8 @@ class LogServer(StopOnSignal):
         return self.sessions.process(good, sources, ingest_ms=np.asarray(ingest, np.float64),
                                      clock_ms=time.time() * 1000.0)
 
-    def _dead_letter(self, m: Message, exc: Rejected) -> None:
-        letter = dead_letter(m, exc.reason, exc.detail, int(time.time() * 1000))
-        self.producer.produce(self.topics.dlq, letter.model_dump_json().encode(), m.key(),
-                              on_delivery=self._delivery.on_delivery)
-        self.counts["dead_letters"] += 1
+    def _count(self, what: str) -> None:
+        self.counts[what] += 1
 
     def _produce(self, alerts: list[Alert]) -> None:
         for alert in alerts:
