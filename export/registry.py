@@ -34,7 +34,7 @@ from fabwatch.export.errors import UsageError
 
 VERSION_PATTERN = r"^v(\d{4,})$"  # what ``commit`` names versions: never a path
 VERSION_RE = re.compile(VERSION_PATTERN)
-RUNTIME_CACHE = "trt-cache"  # TensorRT's engine cache, written beside model.onnx when serving: never listed
+RUNTIME_CACHE = "trt-cache"  # where fabwatch 0.1 wrote TensorRT's engine cache (now elsewhere): ignored, never loaded
 Task = Literal["classify", "regress", "forecast", "logkeys"]
 
 
