@@ -131,18 +131,18 @@ def _concat_stats(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def _reduce(raw: dict[str, np.ndarray], params: MonitorParams) -> np.ndarray:
-    """Raw statistics -> one value per statistic and window [N, S], before med/hi/margin. ``S_k`` reads the raw
-    ``D_k`` and its normalisation, in the other direction."""
-    diff_index = {name: i for i, name in enumerate(n for n in params.names if n[0] == "D")}
+    """Raw statistics -> one value per statistic and window [N, S], before med/hi/margin. ``S_k`` is ``D_k``'s
+    normalised shift in the other direction, computed once for both."""
+    diffs = [n for n in params.names if n[0] == "D"]
+    shift = {n[1:]: (raw[n] - np.asarray(params.diff_center[i])) / np.asarray(params.diff_scale[i])
+             for i, n in enumerate(diffs)}
     cols, mi = [], 0
     for name in params.names:
         if name[0] == "M":
             v = np.max(np.abs(raw[name]) / np.asarray(params.mean_scale[mi]), axis=1)
             mi += 1
         elif name[0] in "DS":
-            i = diff_index["D" + name[1:]]
-            shift = (raw["D" + name[1:]] - np.asarray(params.diff_center[i])) / np.asarray(params.diff_scale[i])
-            v = np.max(shift if name[0] == "D" else -shift, axis=1)
+            v = np.max(shift[name[1:]] if name[0] == "D" else -shift[name[1:]], axis=1)
         else:
             v = raw[name]
         cols.append(v)
@@ -247,18 +247,17 @@ class StatMonitor(keras.layers.Layer):
         basis = const(p.p)
         resid = z - tf.matmul(tf.matmul(z, basis), tf.transpose(basis))
         spe = tf.reduce_sum(tf.square(resid), axis=-1)
-        diff_index = {name[1:]: i for i, name in enumerate(n for n in p.names if n[0] == "D")}
+        diffs = [n for n in p.names if n[0] == "D"]
+        shift = {n[1:]: (tf.math.log(tf.reduce_mean(g[:, -int(n[1:]):, :], axis=1) + EPS_LOG)
+                         - const(p.diff_center[i])) / const(p.diff_scale[i]) for i, n in enumerate(diffs)}
         values, mi = [], 0
         for name in p.names:
             k = int(name[1:])
             if name[0] == "M":
                 v = tf.reduce_max(tf.abs(tf.reduce_mean(z[:, -k:, :], axis=1)) / const(p.mean_scale[mi]), axis=-1)
                 mi += 1
-            elif name[0] in "DS":
-                i = diff_index[name[1:]]
-                d = tf.math.log(tf.reduce_mean(g[:, -k:, :], axis=1) + EPS_LOG)
-                shift = (d - const(p.diff_center[i])) / const(p.diff_scale[i])
-                v = tf.reduce_max(shift if name[0] == "D" else -shift, axis=-1)
+            elif name[0] in "DS":  # S_k: the same shift as D_k, downwards
+                v = tf.reduce_max(shift[name[1:]] if name[0] == "D" else -shift[name[1:]], axis=-1)
             else:
                 v = tf.reduce_mean(spe[:, -k:], axis=1)
             values.append(v)
