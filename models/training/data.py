@@ -34,6 +34,11 @@ class Table:
     entity_names: list[str]
     fingerprint: str            # sha256 of the source file
 
+    def entity_bounds(self) -> list[tuple[int, int]]:
+        """(start, end) rows of each entity's contiguous, time-ordered run."""
+        starts = np.r_[0, np.flatnonzero(np.diff(self.entity)) + 1, len(self.x)]
+        return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+
 
 @dataclass
 class Windows:
@@ -191,9 +196,7 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
     validation row. The scaler sees training rows only. ``event_stride`` keeps event windows in the training
     split more densely than ``stride`` (validation stays unbiased).
     """
-    n = len(table.x)
-    starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1]
-    bounds = list(zip(starts, np.r_[starts[1:], n]))
+    bounds = table.entity_bounds()
     longest = max(e - s for s, e in bounds)
     if longest < min_rows(window):
         raise UsageError(f"too few rows: training with {window}-step windows needs at least {min_rows(window)} rows "

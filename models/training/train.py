@@ -253,8 +253,7 @@ def _add_monitor(model: keras.Model, table: data.Table, split: data.Split,
     margins) and wire it into the ensemble as the forecast task's score."""
     started = time.perf_counter()
     scaled = data.apply_scaler(table.x, split.scaler)
-    starts = np.r_[0, np.flatnonzero(np.diff(table.entity)) + 1, len(scaled)]
-    segments = [scaled[s:e].astype(np.float64) for s, e in zip(starts[:-1], starts[1:])]
+    segments = [scaled[s:e].astype(np.float64) for s, e in table.entity_bounds()]
     try:
         params = monitor.fit(segments, window)
     except ValueError as exc:
