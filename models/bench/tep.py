@@ -115,14 +115,14 @@ def fabwatch_alarms(registry: Path, runs: dict[str, np.ndarray]) -> tuple[dict[s
     """Per-sample alarms of the registry's current model at its manifest threshold, through the serving scorer;
     also the index of the first scored sample and the scoring rate (windows/s)."""
     from fabwatch.export.runtime import ScoringModel
+    from fabwatch.models.training import data
 
     model = ScoringModel.from_registry(registry, providers=["CPUExecutionProvider"])
     window, alert = model.manifest.window, model.manifest.thresholds.alert
     out, n, started = {}, 0, time.perf_counter()
     for name, x in runs.items():
-        windows = np.lib.stride_tricks.sliding_window_view(x.astype(np.float32), window, axis=0).transpose(0, 2, 1)
-        score = np.concatenate([model.predict(np.ascontiguousarray(windows[i:i + 512])).score
-                                for i in range(0, len(windows), 512)])
+        windows = data.windows(x.astype(np.float32), None, window).x  # every window, as training makes them
+        score = np.concatenate([model.predict(windows[i:i + 512]).score for i in range(0, len(windows), 512)])
         out[name] = np.r_[np.zeros(window - 1, bool), score >= alert]
         n += len(windows)
     return out, window - 1, n / (time.perf_counter() - started)
