@@ -44,6 +44,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         broker.down()
 
 
+@pytest.fixture(autouse=True)
+def _kill_leftover_processors() -> Iterator[None]:
+    yield
+    from stream_helpers import kill_leftovers
+
+    kill_leftovers()
+
+
 @pytest.fixture
 def unique_topic() -> Iterator[str]:
     """A topic name no other test uses (created on first use or by ensure_topics)."""

@@ -18,6 +18,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from fabwatch.stream.kafka.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+FIRST_FETCH_S = 10.0
+STARTED: list[subprocess.Popen] = []  # every ``fabwatch serve`` a test started
 
 
 def produce(settings: Settings, topic: str, records: Iterable[dict | bytes], key_field: str = "entity",
@@ -40,14 +42,24 @@ def produce(settings: Settings, topic: str, records: Iterable[dict | bytes], key
 
 def read_all(settings: Settings, topic: str, *, committed_only: bool = True, idle_s: float = 3.0,
              expect: int | None = None, timeout_s: float = 60.0) -> list[bytes]:
-    """Every message of ``topic`` from the beginning, until ``expect`` arrived or it stays idle ``idle_s``."""
+    """Every message of ``topic`` from the beginning, until ``expect`` arrived or it stays idle ``idle_s``.
+
+    Idle only counts once every partition was read up to the high watermark it had when the read began:
+    a fresh consumer's first fetch can take longer than ``idle_s`` on a loaded machine, and stopping
+    early there would miss messages that are already on the broker. Records at the end of a partition that
+    ``read_committed`` never returns (aborted data, transaction markers) hold that off for at most
+    ``FIRST_FETCH_S``."""
     c = Consumer(settings.client_config(**{
         "group.id": f"reader-{time.monotonic_ns()}", "auto.offset.reset": "earliest", "enable.auto.commit": False,
         "isolation.level": "read_committed" if committed_only else "read_uncommitted"}))
     md = c.list_topics(topic, timeout=10).topics[topic]
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(md.partitions)])
+    partitions = sorted(md.partitions)
+    highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    behind = {p for p in partitions if highs[p] > 0}
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out: list[bytes] = []
-    deadline, last = time.monotonic() + timeout_s, time.monotonic()
+    start = time.monotonic()
+    deadline, last = start + timeout_s, start
     try:
         while time.monotonic() < deadline:
             if expect is not None and len(out) >= expect:
@@ -55,11 +67,14 @@ def read_all(settings: Settings, topic: str, *, committed_only: bool = True, idl
                 idle_s, expect = 1.0, None
                 last = time.monotonic()
             msgs = c.consume(1000, 0.25)
-            got = [m.value() for m in msgs if m.error() is None]
-            out += got
+            got = [m for m in msgs if m.error() is None]
+            out += [m.value() for m in got]
+            for m in got:
+                if m.offset() + 1 >= highs[m.partition()]:
+                    behind.discard(m.partition())
             if got:
                 last = time.monotonic()
-            elif time.monotonic() - last > idle_s and expect is None:
+            elif expect is None and time.monotonic() - last > (max(idle_s, FIRST_FETCH_S) if behind else idle_s):
                 break
     finally:
         c.close()
@@ -85,9 +100,21 @@ def start_serve(settings: Settings, registry: Path, *args: str, log_path: Path) 
     cmd = [sys.executable, "-m", "fabwatch.stream.cli.main", "serve", "--registry", str(registry), *args]
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen(cmd, cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=serve_env(settings), stdout=log, stderr=subprocess.STDOUT)
     finally:
         log.close()
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every processor a test started and did not stop (a failed assertion skips its ``stop``): a live
+    leftover stays in the shared consumer group and slows every later test's rebalance."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 60.0, every_s: float = 0.2, what: str = "condition") -> None:

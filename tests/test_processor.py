@@ -124,7 +124,8 @@ def _kill_and_restart(topics, registry: Path, tmp_path: Path, *extra: str) -> tu
     produce(topics, topics.topics.sensors, data[:cut])
     log = tmp_path / "serve.log"
     proc = start_serve(topics, registry, "--max-batch", "64", *extra, log_path=log)
-    wait_for(lambda: len(read_all(topics, topics.topics.alerts, idle_s=0.3, timeout_s=5)) >= 1, 90, what="first alert")
+    wait_for(lambda: len(read_all(topics, topics.topics.alerts, idle_s=0.3, timeout_s=15)) >= 1, 90,
+             what="first alert")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     produce(topics, topics.topics.sensors, data[cut:])
