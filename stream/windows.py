@@ -114,12 +114,16 @@ class WindowStore:
         self._keys.extend([None] * (capacity - old))
         self._free.extend(range(capacity - 1, old - 1, -1))
 
-    def _new_slot(self, key: str, now: float) -> int:
+    def _new_slot(self, key: str, now: float, protected: set[int]) -> int:
+        """A slot for ``key``; at the cap the least recently seen key is evicted, never one of ``protected``
+        (the keys of the call in hand: their readings are already routed to their slots)."""
         if not self._free:
             if len(self._keys) < self.max_keys:
                 self._alloc(min(self.max_keys, 2 * len(self._keys)))
             else:
-                victim = int(np.argmin(np.where(self._live, self._seen, np.inf)))
+                candidates = self._live.copy()
+                candidates[list(protected)] = False
+                victim = int(np.argmin(np.where(candidates, self._seen, np.inf)))
                 self._release(victim)
                 self.counters.evicted_cap += 1
         slot = self._free.pop()
@@ -198,24 +202,25 @@ class WindowStore:
         get = self._slot.get
         slots = np.fromiter((get(k, -1) for k in keys), dtype=np.int64, count=n)
         known = slots >= 0
-        self._seen[slots[known]] = now  # before any cap eviction, so keys of this batch are not victims
+        self._seen[slots[known]] = now
         if not known.all():
-            for i in np.flatnonzero(~known).tolist():
+            new_at = np.flatnonzero(~known).tolist()
+            if len(self._slot) + len(new_at) > self.max_keys and len(set(keys)) > self.max_keys:
+                return self._split(keys, ts, values, score, now, partitions)  # more keys than fit at once
+            protected = set(slots[known].tolist())
+            for i in new_at:
                 slot = self._slot.get(keys[i])
-                slots[i] = slot if slot is not None else self._new_slot(keys[i], now)
+                if slot is None:
+                    slot = self._new_slot(keys[i], now, protected)
+                    protected.add(slot)
+                slots[i] = slot
 
         order = np.argsort(slots, kind="stable")
         s_sorted = slots[order]
         starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
         sizes = np.diff(np.r_[starts, n])
-        if score and sizes.max() > self.window:  # a burst bigger than the ring's slack: split the batch
-            half = n // 2
-            parts = (None, None) if partitions is None else (partitions[:half], partitions[half:])
-            first = self.append(keys[:half], ts[:half], values[:half], score, now, parts[0])
-            second = self.append(keys[half:], ts[half:], values[half:], score, now, parts[1])
-            return AppendResult(np.r_[first.status, second.status], np.r_[first.ready, second.ready + half],
-                                np.concatenate([first.windows, second.windows]),
-                                np.r_[first.window_start_ts, second.window_start_ts])
+        if score and sizes.max() > self.window:  # a burst bigger than the ring's slack
+            return self._split(keys, ts, values, score, now, partitions)
 
         group = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
         group_slot = s_sorted[starts]
@@ -273,3 +278,14 @@ class WindowStore:
                                                                 self.n_features), (st[0], st[1], st[1], st[2]),
                                                  writeable=False)
         return AppendResult(status, order[chosen].astype(np.int64), blocks[r_slot, start], self._ts[r_slot, start])
+
+    def _split(self, keys: Sequence[str], ts: np.ndarray, values: np.ndarray, score: bool, now: float,
+               partitions: np.ndarray | None) -> AppendResult:
+        """``append`` the two halves of a batch one after the other (for bursts and for more keys than the cap)."""
+        half = len(keys) // 2
+        parts = (None, None) if partitions is None else (partitions[:half], partitions[half:])
+        first = self.append(keys[:half], ts[:half], values[:half], score, now, parts[0])
+        second = self.append(keys[half:], ts[half:], values[half:], score, now, parts[1])
+        return AppendResult(np.r_[first.status, second.status], np.r_[first.ready, second.ready + half],
+                            np.concatenate([first.windows, second.windows]),
+                            np.r_[first.window_start_ts, second.window_start_ts])

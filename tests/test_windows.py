@@ -106,3 +106,20 @@ def test_warm_fill_then_score_and_partition_drop() -> None:
     assert store.keys_in([0]) == ["a"] and store.keys_in([1]) == []
     store.drop(store.keys_in([0]))
     assert len(store) == 0
+
+
+def test_more_keys_in_one_call_than_the_cap_never_share_a_buffer() -> None:
+    """A rebuild re-reads many keys in one ``append``: a new key must not take the slot of a key of the
+    same call (both would then write one buffer), whatever the cap."""
+    keys = ["a", "b", "c", "a", "b", "c", "a", "b", "c"]
+    ts = np.repeat(np.array([10, 20, 30], dtype=np.int64), 3)
+    vals = np.array([[1], [100], [1000], [2], [200], [2000], [3], [300], [3000]], dtype=np.float32)
+    store = WindowStore(window=2, n_features=1, max_keys=2, initial_capacity=1)
+    res = store.append(keys, ts, vals)
+    assert len(store) == 2 and store.counters.evicted_cap >= 1 and len(res.ready) > 0
+    for j, i in enumerate(res.ready.tolist()):  # every window holds its own entity's readings only
+        own = vals[[x for x in range(len(keys)) if keys[x] == keys[i] and x <= i], 0][-2:]
+        np.testing.assert_array_equal(res.windows[j, :, 0], own)
+    warm = WindowStore(window=2, n_features=1, max_keys=2, initial_capacity=1)
+    status = warm.append(keys, ts, vals, score=False).status
+    assert (status == OK).all()  # mixed buffers would call later readings of one key late or conflicting
