@@ -11,7 +11,12 @@ Delivery
 
 State across restarts and rebalances
     Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
-    offset until each key has ``window - 1`` of them (no alerts for these). The alert policy's few
+    offset until each key has ``window - 1`` of them (no alerts for these), ``rebuild_chunk`` messages at a
+    time, within ``rebuild_max_messages`` and ``rebuild_timeout_s`` (the log says which keys stayed short).
+    Assignment is cooperative-sticky: a rebalance hands each member only the partitions that move, so a
+    scale step rebuilds those alone. An explicit ``instance_id`` also makes the member static
+    (``group.instance.id``): restarted within ``session.timeout.ms`` it gets its partitions back with no
+    rebalance at all (and, stopped, it holds them that long). The alert policy's few
     non-quiet keys (open alerts, runs, cooldowns) travel as the committed offset's metadata. Together
     with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
     the same alert ids, as an uninterrupted one.
@@ -58,7 +63,7 @@ MAX_OFFSET_METADATA = 4000  # the broker's offset.metadata.max.bytes defaults to
 class ProcessorConfig:
     registry: Path
     group_id: str = "fabwatch-processor"
-    instance_id: str = field(default_factory=socket.gethostname)
+    instance_id: str | None = None  # given: a static group member (group.instance.id); default: the host name
     exactly_once: bool = False
     emit_scores: bool = False
     stride: int = 1
@@ -71,6 +76,7 @@ class ProcessorConfig:
     reload_interval_s: float = 2.0
     rebuild_chunk: int = 20_000
     rebuild_max_messages: int = 2_000_000
+    rebuild_timeout_s: float = 30.0  # per partition
     transaction_timeout_ms: int = 30_000
     providers: Sequence[str] | None = None
 
@@ -104,13 +110,16 @@ class Processor(StopOnSignal):
         self.http: MetricsServer | None = None
 
         base = settings.client_config()
+        instance = config.instance_id or socket.gethostname()
+        membership = {} if config.instance_id is None else {"group.instance.id": config.instance_id}
         self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-                                  "client.id": f"fabwatch-{config.instance_id}"})
+                                  "partition.assignment.strategy": "cooperative-sticky", **membership,
+                                  "client.id": f"fabwatch-{instance}"})
         producer_conf = {**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
-                         "client.id": f"fabwatch-{config.instance_id}"}
+                         "client.id": f"fabwatch-{instance}"}
         if config.exactly_once:
-            producer_conf.update({"transactional.id": f"{config.group_id}-{config.instance_id}",
+            producer_conf.update({"transactional.id": f"{config.group_id}-{instance}",
                                   "transaction.timeout.ms": config.transaction_timeout_ms})
         self.producer = Producer(producer_conf)
         self.dead_letters = DeadLetters(self.producer, self.topics.dlq,
@@ -263,9 +272,14 @@ class Processor(StopOnSignal):
             self._rewind()
 
     def _rewind(self) -> None:
-        """After an aborted transaction: forget in-memory state and resume from the committed offsets."""
+        """After an aborted transaction: forget in-memory state and resume from the committed offsets.
+
+        The next offsets of the aborted batch are forgotten too: a partition with no committed offset
+        would otherwise keep its aborted position, and a later transaction commit past unprocessed messages."""
         parts = sorted(self._assigned)
         self.engine.drop_partitions(parts)
+        for p in parts:
+            self._next_offset.pop(p, None)
         committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
         for tp in committed:
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
@@ -303,20 +317,27 @@ class Processor(StopOnSignal):
             self.metrics.lag.labels(partition=str(tp.partition)).set(max(0, high - pos))
 
     # ---- rebalances -------------------------------------------------------------------------
+    # Cooperative: each callback gets only the partitions that move (the client then incrementally
+    # assigns / unassigns them); the ones kept keep their windows and alert state untouched.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        t0 = time.monotonic()
-        self._restore(partitions)
-        self._assigned |= {tp.partition for tp in partitions}
         self._assigned_once = True
-        log.info("assigned partitions %s (windows rebuilt for %d keys in %.2fs)",
-                 sorted(tp.partition for tp in partitions), len(self.engine.windows), time.monotonic() - t0)
+        if not partitions:  # a cooperative round that moved nothing to this member
+            return
+        t0 = time.monotonic()
+        added = sorted(tp.partition for tp in partitions)
+        self._restore(partitions)
+        self._assigned |= set(added)
+        log.info("assigned partitions %s, now holding %s (windows rebuilt for %d keys in %.2fs)", added,
+                 sorted(self._assigned), len(self.engine.windows.keys_in(added)), time.monotonic() - t0)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
+        if not revoked:
+            return
         if not self.config.exactly_once and not self._failed:  # batches are flushed; commit synchronously
             self._commit(sync=True, partitions=revoked)
         self._forget(revoked)
-        log.info("revoked partitions %s", sorted(revoked))
+        log.info("revoked partitions %s, keeping %s", sorted(revoked), sorted(self._assigned))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         lost = [tp.partition for tp in partitions]
@@ -342,53 +363,61 @@ class Processor(StopOnSignal):
         return committed
 
     def _rebuild(self, partition: int, end: int) -> None:
-        """Re-read backwards in chunks until every key seen has ``window - 1`` readings before ``end``."""
+        """Re-read backwards ``rebuild_chunk`` messages at a time until every key seen has ``window - 1``
+        readings before ``end``, the partition's history is exhausted, or the message cap or the time limit
+        is hit (a sparse key must not hold the assignment); then fill the windows oldest chunk first, one
+        bounded ``append`` per chunk."""
+        cfg = self.config
         need = self.engine.windows.window - 1
-        tp = TopicPartition(self.topics.sensors, partition)
-        low, _ = self.rebuilder.get_watermark_offsets(tp, timeout=10)
-        chunks: list[list[Message]] = []
+        low, _ = self.rebuilder.get_watermark_offsets(TopicPartition(self.topics.sensors, partition), timeout=10)
+        deadline = time.monotonic() + cfg.rebuild_timeout_s
+        chunks: list[DecodedColumns] = []  # newest first
         counts: dict[str, int] = {}
-        hi, size, total = end, self.config.rebuild_chunk, 0
-        while hi > low and total < self.config.rebuild_max_messages:
-            lo = max(low, hi - size)
-            msgs = self._read_range(partition, lo, hi)
-            chunks.insert(0, msgs)
-            total += len(msgs)
+        hi, limit = end, None
+        while hi > low:
+            if end - hi >= cfg.rebuild_max_messages:
+                limit = f"the {cfg.rebuild_max_messages}-message cap"
+                break
+            lo = max(low, hi - cfg.rebuild_chunk)
+            msgs = self._read_range(partition, lo, hi, deadline)
+            if msgs is None:
+                limit = f"the {cfg.rebuild_timeout_s:g} s time limit"
+                break
             cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
+            chunks.append(cols)
             new_keys = False
             for k in cols.keys:
                 new_keys |= k not in counts
                 counts[k] = counts.get(k, 0) + 1
             if not new_keys and all(c >= need for c in counts.values()):
                 break
-            hi, size = lo, size * 2
-        msgs = [m for chunk in chunks for m in chunk]
-        if msgs:
-            cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
+            hi = lo
+        for cols in reversed(chunks):
             self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
+        short = sorted(k for k, c in counts.items() if c < need)
+        if limit is not None and short:
+            log.warning("partition %d: rebuild stopped at %s, re-read offsets [%d, %d); %d keys hold fewer than %d "
+                        "readings and score only once live readings fill them: %s%s", partition, limit, hi, end,
+                        len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
-    def _read_range(self, partition: int, lo: int, hi: int) -> list[Message]:
-        """Messages with offsets in [lo, hi) of one partition (the rebuild consumer never commits)."""
+    def _read_range(self, partition: int, lo: int, hi: int, deadline: float) -> list[Message] | None:
+        """Messages with offsets in [lo, hi) of one partition (the rebuild consumer never commits); None when
+        ``deadline`` (monotonic) passes first."""
         self.rebuilder.assign([TopicPartition(self.topics.sensors, partition, lo)])
         out: list[Message] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        complete = False
+        while not complete and time.monotonic() < deadline:
             # asking for exactly what is left returns as soon as it is there (offset gaps: the timeout)
             batch = self.rebuilder.consume(max(1, min(10_000, hi - lo - len(out))), 0.5)
             for m in batch:
                 if m.error() is None and m.offset() < hi:
                     out.append(m)
             last = batch[-1] if batch else None
-            if last is not None and ((last.error() is None and last.offset() >= hi - 1) or (
-                    last.error() is not None and last.error().code() == KafkaError._PARTITION_EOF)):
-                break
-            pos = self.rebuilder.position([TopicPartition(self.topics.sensors, partition)])[0].offset
-            if pos >= hi:
-                break
-        else:
-            raise RuntimeError(f"re-reading partition {partition} [{lo}, {hi}) timed out")
+            complete = (last is not None and ((last.error() is None and last.offset() >= hi - 1) or (
+                last.error() is not None and last.error().code() == KafkaError._PARTITION_EOF))) or \
+                self.rebuilder.position([TopicPartition(self.topics.sensors, partition)])[0].offset >= hi
         self.rebuilder.unassign()
-        return out
+        return out if complete else None
 
     # ---- hot reload -------------------------------------------------------------------------
     def _swap_if_pending(self) -> None:

@@ -23,8 +23,10 @@ def serve(
     stride: Annotated[int, typer.Option(min=1, help="score ~1 reading in K per key")] = 1,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics and /ready on this port")] = None,
     group: Annotated[str, typer.Option(help="consumer group")] = "fabwatch-processor",
-    instance_id: Annotated[Optional[str], typer.Option(help="unique per instance (transactional id); "
-                                                       "default: the host name")] = None,
+    instance_id: Annotated[Optional[str], typer.Option(help="unique per instance (transactional id); given, it "
+                                                       "makes the instance a static group member that gets its "
+                                                       "partitions back on restart; default: the host name "
+                                                       "(dynamic member)")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="readings per poll and windows per model call")] = 512,
     max_wait_ms: Annotated[int, typer.Option(min=0, help="longest wait to fill a poll batch")] = 20,
     min_consecutive: Annotated[int, typer.Option(min=1, help="windows above threshold before opening")] = 1,
@@ -33,6 +35,10 @@ def serve(
     key_ttl_s: Annotated[float, typer.Option(min=0, help="evict keys idle this long (0: never)")] = 6 * 3600.0,
     rebuild_chunk: Annotated[int, typer.Option(min=1, help="readings re-read per step when rebuilding windows "
                                                "after an assignment")] = 20_000,
+    rebuild_max_messages: Annotated[int, typer.Option(min=1, help="most readings re-read per partition to rebuild "
+                                                      "windows")] = 2_000_000,
+    rebuild_timeout_s: Annotated[float, typer.Option(min=0, help="longest window rebuild per partition; keys "
+                                                     "still short are logged")] = 30.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Score the sensor stream with the registry's current model and produce alerts."""
@@ -46,9 +52,9 @@ def serve(
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
                              stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
                              key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, rebuild_chunk=rebuild_chunk,
+                             rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s,
+                             instance_id=instance_id or None,
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
-    if instance_id:
-        config.instance_id = instance_id
     processor = Processor(settings_for(bootstrap), config)
     processor.install_signal_handlers()
     processor.run()
