@@ -61,15 +61,22 @@ def test_an_aborted_transaction_never_lets_a_later_one_commit_past_unprocessed_m
     try:
         proc.producer.init_transactions(30)
         proc.consumer.subscribe([topics.topics.sensors], on_assign=proc._on_assign, on_revoke=proc._on_revoke)
-        msgs: list = []
-        deadline = time.monotonic() + 60
-        while len(msgs) < len(data) and time.monotonic() < deadline:
-            msgs += [m for m in proc.consumer.consume(1000, 1.0) if m.error() is None]
+
+        def consume_all() -> list:
+            msgs: list = []
+            deadline = time.monotonic() + 60
+            while len(msgs) < len(data) and time.monotonic() < deadline:
+                msgs += [m for m in proc.consumer.consume(1000, 1.0) if m.error() is None]
+            return msgs
+
+        msgs = consume_all()
         assert len({m.partition() for m in msgs}) == PARTITIONS
         proc._handle(msgs)  # every partition in one transaction: aborted, rewound
         assert AbortFirstCommit.aborted == 1
+        again = consume_all()  # the rewind sought every partition back to its start
+        assert sorted((m.partition(), m.offset()) for m in again) == sorted((m.partition(), m.offset()) for m in msgs)
         first = msgs[0].partition()
-        proc._handle([m for m in msgs if m.partition() == first])  # the redo reaches ``first`` before the others
+        proc._handle([m for m in again if m.partition() == first])  # the redo reaches ``first`` before the others
         got = committed_offsets(topics, group, topics.topics.sensors, PARTITIONS)
     finally:
         proc._close()
