@@ -111,6 +111,8 @@ class Processor(StopOnSignal):
 
         base = settings.client_config()
         instance = config.instance_id or socket.gethostname()
+        # cooperative-sticky: a rebalance moves only the partitions that change owner, the rest keep their
+        # windows; static membership only for an explicit id (two live members sharing one fence each other)
         membership = {} if config.instance_id is None else {"group.instance.id": config.instance_id}
         self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "isolation.level": "read_committed",
