@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from fabwatch.stream.policy import PolicyCounters
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -38,6 +42,29 @@ class ProcessorMetrics:
     def set_model(self, version: str, provider: str) -> None:
         self.model.clear()
         self.model.labels(version=version, provider=provider).set(1)
+
+    def watch_policy(self, counters: PolicyCounters) -> None:
+        """The alert policy keeps its own counters (it runs offline too); they are read at each scrape."""
+        self.registry.register(_PolicyCollector(counters))
+
+
+class _PolicyCollector:
+    def __init__(self, counters: PolicyCounters):
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counters
+        expired = CounterMetricFamily("fabwatch_policy_expired", "alert states dropped after the key TTL of "
+                                      "silence (open: an open alert that gets no close)", labels=["state"])
+        expired.add_metric(["open"], c.expired_open)
+        expired.add_metric(["pending"], c.expired - c.expired_open)
+        yield expired
+        dropped = GaugeMetricFamily("fabwatch_policy_state_dropped", "non-quiet keys of the partition left out of "
+                                    "its last committed alert state (over the offset metadata limit)",
+                                    labels=["partition"])
+        for partition, n in sorted(list(c.dropped.items())):
+            dropped.add_metric([str(partition)], n)
+        yield dropped
 
 
 class MetricsServer:

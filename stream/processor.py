@@ -11,8 +11,9 @@ Delivery
 
 State across restarts and rebalances
     Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
-    offset until each key has ``window - 1`` of them (no alerts for these). The alert policy's few
-    non-quiet keys (open alerts, runs, cooldowns) travel as the committed offset's metadata. Together
+    offset until each key has ``window - 1`` of them (no alerts for these). The alert policy's
+    non-quiet keys (open alerts, runs, cooldowns) travel packed as the committed offset's metadata; past
+    ``MAX_OFFSET_METADATA`` the least important are left out (``fabwatch_policy_state_dropped``). Together
     with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
     the same alert ids, as an uninterrupted one.
 
@@ -90,6 +91,7 @@ class Processor(StopOnSignal):
                                     config.max_batch)
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
+        self.metrics.watch_policy(self.engine.policy.counters)
         self.metrics.set_model(model.version, model.provider)
         self._stop = threading.Event()
         self._pending: ScoringModel | None = None
@@ -230,11 +232,7 @@ class Processor(StopOnSignal):
         for p, off in sorted(self._next_offset.items()):
             if p not in wanted:
                 continue
-            meta = self.engine.policy.export_state(p)
-            if len(meta) > MAX_OFFSET_METADATA:
-                log.warning("alert state of partition %d is %d bytes, over the offset metadata limit: not carried",
-                            p, len(meta))
-                meta = ""
+            meta = self.engine.policy.export_state(p, MAX_OFFSET_METADATA)
             out.append(TopicPartition(self.topics.sensors, p, off, metadata=meta))
         return out
 
