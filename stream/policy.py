@@ -11,7 +11,8 @@ Only keys away from the quiet state carry a ``KeyState``. It travels with the co
 column-packed, LZMA-compressed and base85-encoded (``python -m fabwatch.stream.bench.policy_state``
 measures how many keys fit). When a partition's states still exceed the room
 given, the most important are kept (open alerts, then runs, then cooldowns; the most recently seen
-first) and ``PolicyCounters.dropped`` says how many were left out.
+first) and ``PolicyCounters.dropped`` says how many were left out
+(``fabwatch_policy_state_dropped``).
 
 Expiry: a key whose windows stop for longer than the key TTL (event time, to the minute) loses its
 state. An open alert expires without a ``closed`` alert (no window said it recovered): if the key comes
@@ -70,8 +71,8 @@ class KeyState:
 class PolicyCounters:
     """What the policy let go of; the processor exports them as metrics."""
 
-    expired: int = 0        # states dropped after the key TTL of silence
-    expired_open: int = 0   # ... of which open alerts (they get no ``closed``)
+    expired_open: int = 0       # open alerts dropped after the key TTL of silence (they get no ``closed``)
+    expired_pending: int = 0    # runs and cooldowns dropped after the key TTL of silence
     dropped: dict[int, int] = field(default_factory=dict)  # partition -> keys left out of its last export
 
 
@@ -163,8 +164,10 @@ class AlertPolicy:
 
     def _expire(self, entity: str) -> None:
         st = self.states.pop(entity)
-        self.counters.expired += 1
-        self.counters.expired_open += st.open
+        if st.open:
+            self.counters.expired_open += 1
+        else:
+            self.counters.expired_pending += 1
 
     def _kind(self, out: ModelOutput, i: int) -> str:
         if self.delay_task:

@@ -91,7 +91,6 @@ class Processor(StopOnSignal):
                                     config.max_batch)
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
-        self.metrics.watch_policy(self.engine.policy.counters)
         self.metrics.set_model(model.version, model.provider)
         self._stop = threading.Event()
         self._pending: ScoringModel | None = None
@@ -234,6 +233,7 @@ class Processor(StopOnSignal):
                 continue
             meta = self.engine.policy.export_state(p, MAX_OFFSET_METADATA)
             out.append(TopicPartition(self.topics.sensors, p, off, metadata=meta))
+        self.metrics.observe_policy(self.engine.policy.counters)
         return out
 
     def _commit(self, sync: bool, partitions: Sequence[int] | None = None) -> None:

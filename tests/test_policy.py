@@ -7,7 +7,8 @@ import numpy as np
 
 from fabwatch.export.registry import Manifest, Scaler, Thresholds
 from fabwatch.export.runtime import ModelOutput
-from fabwatch.stream.policy import MINUTE_MS, STATE_FORMAT, AlertPolicy, KeyState, PolicyConfig, ScoredWindows
+from fabwatch.stream.policy import MINUTE_MS, STATE_FORMAT, AlertPolicy, KeyState, PolicyConfig, PolicyCounters, \
+    ScoredWindows
 from fabwatch.stream.schemas import alert_id_for
 
 F = 3
@@ -167,7 +168,7 @@ def test_a_key_silent_longer_than_the_ttl_loses_its_open_alert() -> None:
     again = _windows(policy, ["e"], [t0 + 3_540_000 + 3_660_000], [1.5])
     assert [a.state for a in again] == ["open"]
     assert again[0].alert_id == alert_id_for("e", t0 + 7_200_000, "v0007", "open")
-    assert policy.counters.expired == policy.counters.expired_open == 1
+    assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 0
 
 
 def test_states_of_keys_that_went_silent_are_pruned_from_the_committed_state() -> None:
@@ -181,7 +182,7 @@ def test_states_of_keys_that_went_silent_are_pruned_from_the_committed_state() -
     resumed = AlertPolicy(_manifest(), ttl_s=ttl_s)
     resumed.import_state(0, policy.export_state(0))
     assert set(resumed.states) == set(policy.states) == {"busy"}
-    assert policy.counters.expired == 2 and policy.counters.expired_open == 1
+    assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 1
 
 
 def test_unreadable_state_is_ignored_with_a_warning(caplog) -> None:
@@ -190,3 +191,18 @@ def test_unreadable_state_is_ignored_with_a_warning(caplog) -> None:
         policy.import_state(0, '{"e":[1,0,-1]}')  # the JSON of older versions
         policy.import_state(0, STATE_FORMAT + "not base85 ~~~")
     assert policy.states == {} and len(caplog.records) == 2
+
+
+def test_the_processor_metrics_follow_the_policy_counters() -> None:
+    from prometheus_client import generate_latest
+
+    from fabwatch.stream.metrics import ProcessorMetrics
+
+    metrics, counters = ProcessorMetrics(), PolicyCounters(expired_open=2, expired_pending=1, dropped={0: 0, 2: 7})
+    metrics.observe_policy(counters)
+    counters.expired_open, counters.dropped = 3, {0: 4}  # one more expired; partition 2 revoked
+    metrics.observe_policy(counters)
+    text = generate_latest(metrics.registry).decode()
+    assert 'fabwatch_policy_expired_total{state="open"} 3.0' in text
+    assert 'fabwatch_policy_expired_total{state="pending"} 1.0' in text
+    assert 'fabwatch_policy_state_dropped{partition="0"} 4.0' in text and 'partition="2"' not in text
