@@ -66,6 +66,10 @@ class KeyState:
     def quiet(self, now_ts: int, cooldown_ms: int) -> bool:
         return not self.open and self.run == 0 and (self.closed_at < 0 or now_ts - self.closed_at >= cooldown_ms)
 
+    def packed_fields(self) -> tuple[bool, int, int, int]:
+        """What ``export_state`` writes of this key: when it changes, the partition's state is packed again."""
+        return self.open, self.run, self.closed_at, self.last_min
+
 
 @dataclass
 class PolicyCounters:
@@ -100,6 +104,9 @@ class AlertPolicy:
         self.ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self.counters = PolicyCounters()
         self._clock_min: dict[int, int] = {}  # partition -> minute of its newest window, for pruning
+        # packing costs milliseconds (LZMA) and the processor exports at every commit: partition -> (max_chars,
+        # text) of its last export, reused until a key of the partition changes what it packs
+        self._exported: dict[int, tuple[int | None, str]] = {}
         self.set_manifest(manifest)
 
     def set_manifest(self, manifest: Manifest) -> None:
@@ -136,6 +143,7 @@ class AlertPolicy:
         for i in np.flatnonzero(candidates).tolist():
             entity, end_ts, s = batch.entities[i], int(batch.window_end_ts[i]), float(score[i])
             st = states.get(entity)
+            before = st.packed_fields() if st is not None else None
             if st is not None and self._expired(st, int(end_min[i])):
                 self._expire(entity)
                 st = None
@@ -155,8 +163,12 @@ class AlertPolicy:
                 st.run = 0
             if st.quiet(end_ts, cfg.cooldown_ms):
                 states.pop(entity, None)
+                after = None
             else:
                 states[entity] = st
+                after = st.packed_fields()
+            if after != before:
+                self._exported.pop(st.partition, None)
         return alerts
 
     def _expired(self, st: KeyState, now_min: int) -> bool:
@@ -164,6 +176,7 @@ class AlertPolicy:
 
     def _expire(self, entity: str) -> None:
         st = self.states.pop(entity)
+        self._exported.pop(st.partition, None)
         if st.open:
             self.counters.expired_open += 1
         else:
@@ -226,6 +239,9 @@ class AlertPolicy:
         clock = self._clock_min.get(partition, 0)
         for entity in [e for e, s in self.states.items() if s.partition == partition and self._expired(s, clock)]:
             self._expire(entity)
+        cached = self._exported.get(partition)
+        if cached is not None and cached[0] == max_chars:
+            return cached[1]
         rows = sorted(((e, s) for e, s in self.states.items() if s.partition == partition), key=_importance)
         keep, text = len(rows), _pack(rows, clock)
         while max_chars is not None and len(text) > max_chars:
@@ -237,6 +253,7 @@ class AlertPolicy:
                         "carried (open alerts kept first; fabwatch_policy_state_dropped counts them)",
                         partition, dropped, len(rows))
         self.counters.dropped[partition] = dropped
+        self._exported[partition] = max_chars, text
         return text
 
     def import_state(self, partition: int, text: str | None) -> None:
@@ -249,6 +266,7 @@ class AlertPolicy:
             log.warning("alert state of partition %d unreadable (%s): its keys start quiet", partition, exc)
             return
         self._clock_min[partition] = max(clock, self._clock_min.get(partition, clock))
+        self._exported.pop(partition, None)
         for entity, st in rows:
             st.partition = partition
             self.states[entity] = st
@@ -259,6 +277,7 @@ class AlertPolicy:
             del self.states[entity]
         for p in wanted:
             self._clock_min.pop(p, None)
+            self._exported.pop(p, None)
             self.counters.dropped.pop(p, None)
 
 

@@ -206,3 +206,27 @@ def test_the_processor_metrics_follow_the_policy_counters() -> None:
     assert 'fabwatch_policy_expired_total{state="open"} 3.0' in text
     assert 'fabwatch_policy_expired_total{state="pending"} 1.0' in text
     assert 'fabwatch_policy_state_dropped{partition="0"} 4.0' in text and 'partition="2"' not in text
+
+
+def test_the_exported_state_follows_every_change_of_its_keys(monkeypatch) -> None:
+    import fabwatch.stream.policy as policy_module
+
+    t0 = 1_790_000_000_000
+    policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=2))
+    packs, pack = [], policy_module._pack
+    monkeypatch.setattr(policy_module, "_pack", lambda *args: packs.append(args) or pack(*args))
+
+    def exported() -> dict[str, KeyState]:
+        resumed = AlertPolicy(_manifest())
+        resumed.import_state(0, policy.export_state(0, MAX_OFFSET_METADATA))
+        return resumed.states
+
+    _windows(policy, ["a", "b"], [t0, t0], [1.5, 1.5])                  # two runs of 1
+    assert {e: s.run for e, s in exported().items()} == {"a": 1, "b": 1}
+    _windows(policy, ["a", "b"], [t0 + 1000, t0 + 1000], [1.5, 0.1])    # a opens, b goes quiet
+    assert {e: s.open for e, s in exported().items()} == {"a": True}
+    n = len(packs)
+    _windows(policy, ["a"], [t0 + 2000], [1.4])                         # still open, same minute: nothing to pack
+    assert {e: s.open for e, s in exported().items()} == {"a": True} and len(packs) == n
+    _windows(policy, ["a"], [t0 + 3000], [0.1])                         # closed
+    assert exported() == {}
