@@ -22,7 +22,9 @@ N_KEYS = 1000
 GROUP = "state-restart"
 
 
-def test_a_thousand_open_alerts_of_one_partition_are_closed_after_a_restart(settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--exactly-once"]], ids=["at-least-once", "exactly-once"])
+def test_a_thousand_open_alerts_of_one_partition_are_closed_after_a_restart(settings, tmp_path: Path,
+                                                                            mode: list[str]) -> None:
     ensure_topics(settings, settings.topics.all(), partitions=1)  # every key on one partition
     registry = tmp_path / "registry"
     make_registry(registry, window=10)
@@ -38,17 +40,19 @@ def test_a_thousand_open_alerts_of_one_partition_are_closed_after_a_restart(sett
 
     produce(settings, settings.topics.sensors, data[:cut * N_KEYS])
     log = tmp_path / "serve.log"
-    proc = start_serve(settings, registry, "--group", GROUP, log_path=log)
+    proc = start_serve(settings, registry, "--group", GROUP, *mode, log_path=log)
     try:
         wait_for(lambda: committed_offsets(settings, GROUP, settings.topics.sensors, 1)[0] == cut * N_KEYS, 120,
                  what="the first part committed")
     finally:
         assert stop(proc) == 0
     produce(settings, settings.topics.sensors, data[cut * N_KEYS:])
-    proc = start_serve(settings, registry, "--group", GROUP, log_path=log)
+    proc = start_serve(settings, registry, "--group", GROUP, *mode, log_path=log)
     try:
         got = [json.loads(v) for v in read_all(settings, settings.topics.alerts, expect=len(expected), timeout_s=120)]
     finally:
         assert stop(proc) == 0
     assert {a["alert_id"] for a in got} == {a.alert_id for a in expected}  # at-least-once: repeats keep their id
+    if mode:
+        assert len(got) == len(expected)
     assert "not carried" not in log.read_text()
