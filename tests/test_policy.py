@@ -9,6 +9,7 @@ from fabwatch.export.registry import Manifest, Scaler, Thresholds
 from fabwatch.export.runtime import ModelOutput
 from fabwatch.stream.policy import MINUTE_MS, STATE_FORMAT, AlertPolicy, KeyState, PolicyConfig, PolicyCounters, \
     ScoredWindows
+from fabwatch.stream.processor import MAX_OFFSET_METADATA
 from fabwatch.stream.schemas import alert_id_for
 
 F = 3
@@ -79,7 +80,6 @@ def test_state_round_trip_resumes_an_open_alert() -> None:
 
 
 # ---- state across restarts and its expiry ---------------------------------------------------------------------
-MAX_OFFSET_METADATA = 4000  # stream/processor.py's limit (importing the processor would pull in confluent-kafka)
 
 
 def _windows(policy: AlertPolicy, entities: list[str], end_ts: list[int], scores: list[float],

@@ -18,8 +18,7 @@ from typing import Callable
 
 from fabwatch.export.registry import Manifest, Thresholds
 from fabwatch.stream.policy import MINUTE_MS, AlertPolicy, KeyState
-
-MAX_OFFSET_METADATA = 4000  # as in stream/processor.py (importing it would pull in confluent-kafka)
+from fabwatch.stream.processor import MAX_OFFSET_METADATA
 NOW_MS = 1_790_000_000_000
 FLEET = 20_000
 
