@@ -37,15 +37,23 @@ class EngineResult:
     batch_sizes: list[int] = field(default_factory=list)
 
 
+DEFAULT_KEY_TTL_S = 6 * 3600.0
+
+
 class ScoringEngine:
-    """Windows + model + policy. ``swap_model`` between batches for hot reload (key state is kept)."""
+    """Windows + model + policy. ``swap_model`` between batches for hot reload (key state is kept).
+
+    ``ttl_s`` is the key TTL: the processor evicts windows idle that long (wall clock, ``evict_idle``) and the
+    policy drops the state of keys silent that long (event time); the same default offline and online keeps
+    their alerts alike.
+    """
 
     def __init__(self, model: ScoringModel, policy: PolicyConfig | None = None, stride: int = 1,
-                 max_keys: int = 100_000, ttl_s: float | None = None, max_batch: int = 256):
+                 max_keys: int = 100_000, ttl_s: float | None = DEFAULT_KEY_TTL_S, max_batch: int = 256):
         self.model = model
         self.max_batch = max_batch
         self.windows = WindowStore(model.manifest.window, len(model.feature_names), stride, max_keys, ttl_s)
-        self.policy = AlertPolicy(model.manifest, policy)
+        self.policy = AlertPolicy(model.manifest, policy, ttl_s)
 
     @property
     def version(self) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from fabwatch.stream.policy import PolicyCounters
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -34,10 +37,28 @@ class ProcessorMetrics:
         self.lag = Gauge("fabwatch_consumer_lag", "messages behind the high watermark", ["partition"], registry=r)
         self.live_keys = Gauge("fabwatch_live_keys", "keys with a window in memory", registry=r)
         self.model = Gauge("fabwatch_model_info", "serving model version (value 1)", ["version", "provider"], registry=r)
+        self.policy_expired = Counter("fabwatch_policy_expired", "alert states dropped after the key TTL of silence "
+                                      "(open: an open alert that gets no close)", ["state"], registry=r)
+        self.policy_state_dropped = Gauge("fabwatch_policy_state_dropped", "non-quiet keys of the partition left out "
+                                          "of its last committed alert state (over the offset metadata limit)",
+                                          ["partition"], registry=r)
+        self._policy_expired_seen: dict[str, int] = {}
+        self._policy_partitions: set[int] = set()
 
     def set_model(self, version: str, provider: str) -> None:
         self.model.clear()
         self.model.labels(version=version, provider=provider).set(1)
+
+    def observe_policy(self, counters: PolicyCounters) -> None:
+        """Bring in the alert policy's own counters (the policy runs offline too); called at each commit."""
+        for state, total in (("open", counters.expired_open), ("pending", counters.expired_pending)):
+            self.policy_expired.labels(state=state).inc(total - self._policy_expired_seen.get(state, 0))
+            self._policy_expired_seen[state] = total
+        for partition in self._policy_partitions - counters.dropped.keys():
+            self.policy_state_dropped.remove(str(partition))
+        for partition, n in counters.dropped.items():
+            self.policy_state_dropped.labels(partition=str(partition)).set(n)
+        self._policy_partitions = set(counters.dropped)
 
 
 class MetricsServer:

@@ -16,8 +16,9 @@ State across restarts and rebalances
     Assignment is cooperative-sticky: a rebalance hands each member only the partitions that move, so a
     scale step rebuilds those alone. An explicit ``instance_id`` also makes the member static
     (``group.instance.id``): restarted within ``session.timeout.ms`` it gets its partitions back with no
-    rebalance at all (and, stopped, it holds them that long). The alert policy's few
-    non-quiet keys (open alerts, runs, cooldowns) travel as the committed offset's metadata. Together
+    rebalance at all (and, stopped, it holds them that long). The alert policy's
+    non-quiet keys (open alerts, runs, cooldowns) travel packed as the committed offset's metadata; past
+    ``MAX_OFFSET_METADATA`` the least important are left out (``fabwatch_policy_state_dropped``). Together
     with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
     the same alert ids, as an uninterrupted one.
 
@@ -241,12 +242,9 @@ class Processor(StopOnSignal):
         for p, off in sorted(self._next_offset.items()):
             if p not in wanted:
                 continue
-            meta = self.engine.policy.export_state(p)
-            if len(meta) > MAX_OFFSET_METADATA:
-                log.warning("alert state of partition %d is %d bytes, over the offset metadata limit: not carried",
-                            p, len(meta))
-                meta = ""
+            meta = self.engine.policy.export_state(p, MAX_OFFSET_METADATA)
             out.append(TopicPartition(self.topics.sensors, p, off, metadata=meta))
+        self.metrics.observe_policy(self.engine.policy.counters)
         return out
 
     def _commit(self, sync: bool, partitions: Sequence[int] | None = None) -> None:

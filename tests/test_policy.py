@@ -1,4 +1,5 @@
-"""Alert policy: hysteresis, consecutive windows, cooldown, severity, kind, top features, ids (no broker)."""
+"""Alert policy: hysteresis, consecutive windows, cooldown, severity, kind, top features, ids, the state that
+travels with committed offsets and its expiry (no broker)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import numpy as np
 
 from fabwatch.export.registry import Manifest, Scaler, Thresholds
 from fabwatch.export.runtime import ModelOutput
-from fabwatch.stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
+from fabwatch.stream.policy import MINUTE_MS, STATE_FORMAT, AlertPolicy, KeyState, PolicyConfig, PolicyCounters, \
+    ScoredWindows
+from fabwatch.stream.processor import MAX_OFFSET_METADATA
 from fabwatch.stream.schemas import alert_id_for
 
 F = 3
@@ -74,3 +77,156 @@ def test_state_round_trip_resumes_an_open_alert() -> None:
     tail = resumed.evaluate(batch, out)
     assert [a.alert_id for a in whole if a.window_end_ts > 50] == [a.alert_id for a in tail]
     assert AlertPolicy(_manifest()).export_state(0) == ""
+
+
+# ---- state across restarts and its expiry ---------------------------------------------------------------------
+
+
+def _windows(policy: AlertPolicy, entities: list[str], end_ts: list[int], scores: list[float],
+             partition: int = 0) -> list:
+    """One scored window per entity, in the order given."""
+    m = len(entities)
+    ms = np.tile([[0.0, 1.0]], (m, 1)).astype(np.float32)
+    out = ModelOutput(np.asarray(scores, np.float32), ms, np.full_like(ms, 0.5), None)
+    end = np.asarray(end_ts, np.int64)
+    batch = ScoredWindows(entities, end - 30, end, np.zeros((m, 4, F), np.float32), np.full(m, partition, np.int32),
+                          np.arange(m, dtype=np.int64), np.full(m, np.nan), "t")
+    return policy.evaluate(batch, out)
+
+
+def test_packed_state_round_trips_every_kind_of_key() -> None:
+    t0 = 1_790_000_000_000
+    states = {
+        "tool-0001": KeyState(partition=3, open=True, last_min=t0 // MINUTE_MS),
+        "tool-0002": KeyState(partition=3, run=2, last_min=t0 // MINUTE_MS - 5),
+        "cooling": KeyState(partition=3, closed_at=t0 - 61_234, last_min=t0 // MINUTE_MS),
+        "reopened after a close": KeyState(partition=3, open=True, closed_at=t0 - 7, last_min=t0 // MINUTE_MS),
+        "early": KeyState(partition=3, closed_at=0, last_min=0),
+        "ünïcode/名前": KeyState(partition=3, run=70_000, last_min=t0 // MINUTE_MS - 300),
+        "x" * 300: KeyState(partition=3, open=True, last_min=t0 // MINUTE_MS - 1),
+    }
+    policy = AlertPolicy(_manifest())
+    policy.states.update(states)
+    policy.states["other partition"] = KeyState(partition=4, open=True)
+    _windows(policy, ["tool-0001"], [t0], [1.5], partition=3)  # the partition's clock
+    text = policy.export_state(3)
+    assert text.startswith(STATE_FORMAT)
+    resumed = AlertPolicy(_manifest())
+    resumed.import_state(3, text)
+    assert resumed.states == states
+
+
+def test_a_thousand_open_alerts_of_one_partition_survive_a_restart() -> None:
+    n, t0 = 1000, 1_790_000_000_000
+    entities = [f"fab{i % 3}/etch-{i // 12:03d}/ch-{i % 4}" for i in range(n)]
+    uninterrupted = AlertPolicy(_manifest())
+    before = AlertPolicy(_manifest())
+    # the alerts opened over half an hour, so their last-seen minutes differ
+    first = [t0 + i * 1_800 for i in range(n)]
+    for policy in (uninterrupted, before):
+        assert len(_windows(policy, entities, first, [1.5] * n)) == n
+    text = before.export_state(0, MAX_OFFSET_METADATA)
+    assert len(text) <= MAX_OFFSET_METADATA and before.counters.dropped[0] == 0
+    restarted = AlertPolicy(_manifest())
+    restarted.import_state(0, text)
+    # next windows: the even entities recover (closed), the odd ones stay high (no second open)
+    then = [t + 60_000 for t in first]
+    scores = [0.2 if i % 2 == 0 else 1.4 for i in range(n)]
+    expected = _windows(uninterrupted, entities, then, scores)
+    got = _windows(restarted, entities, then, scores)
+    assert [a.alert_id for a in got] == [a.alert_id for a in expected]
+    assert len(got) == n // 2 and {a.state for a in got} == {"closed"}
+
+
+def test_over_the_limit_open_alerts_are_kept_first_and_the_rest_counted(caplog) -> None:
+    t0 = 1_790_000_000_000
+    policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=3))
+    runs = [f"run-{i:04d}" for i in range(300)]
+    opened = [f"open-{i:04d}" for i in range(100)]
+    _windows(policy, runs, [t0] * 300, [1.5] * 300)  # a run of 1: not open yet
+    for k in range(3):
+        _windows(policy, opened, [t0 + k * 100] * 100, [1.5] * 100)
+    with caplog.at_level("WARNING", logger="fabwatch.policy"):
+        text = policy.export_state(0, 300)
+        policy.export_state(0, 300)
+    assert len(text) <= 300
+    resumed = AlertPolicy(_manifest())
+    resumed.import_state(0, text)
+    kept = set(resumed.states)
+    assert 0 < len(kept) < 400 and policy.counters.dropped[0] == 400 - len(kept)
+    assert set(opened) <= kept or kept <= set(opened)  # open alerts go before any run
+    assert len(caplog.records) == 1  # a warning when dropping starts, not at every commit
+
+
+def test_a_key_silent_longer_than_the_ttl_loses_its_open_alert() -> None:
+    t0, ttl_s = 1_790_000_000_000, 3600.0
+    policy = AlertPolicy(_manifest(), ttl_s=ttl_s)
+    assert [a.state for a in _windows(policy, ["e"], [t0], [1.5])] == ["open"]
+    # back within the TTL, still high: the same alert stays open
+    assert _windows(policy, ["e"], [t0 + 3_540_000], [1.5]) == []
+    # back after more than the TTL of silence, still high: the old alert expired, a new one opens
+    again = _windows(policy, ["e"], [t0 + 3_540_000 + 3_660_000], [1.5])
+    assert [a.state for a in again] == ["open"]
+    assert again[0].alert_id == alert_id_for("e", t0 + 7_200_000, "v0007", "open")
+    assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 0
+
+
+def test_states_of_keys_that_went_silent_are_pruned_from_the_committed_state() -> None:
+    t0, ttl_s = 1_790_000_000_000, 3600.0
+    policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=1, cooldown_ms=10_000), ttl_s=ttl_s)
+    _windows(policy, ["gone", "cooling", "busy"], [t0, t0, t0], [1.5, 1.5, 1.5])
+    _windows(policy, ["cooling", "busy"], [t0 + 1000, t0 + 1000], [0.1, 1.5])
+    assert policy.export_state(0) and set(policy.states) == {"gone", "cooling", "busy"}
+    for ts in (t0 + 1_800_000, t0 + 3_700_000):  # the partition's clock moves past the TTL
+        _windows(policy, ["busy"], [ts], [1.5])
+    resumed = AlertPolicy(_manifest(), ttl_s=ttl_s)
+    resumed.import_state(0, policy.export_state(0))
+    assert set(resumed.states) == set(policy.states) == {"busy"}
+    assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 1
+
+
+def test_unreadable_state_is_ignored_with_a_warning(caplog) -> None:
+    policy = AlertPolicy(_manifest())
+    with caplog.at_level("WARNING", logger="fabwatch.policy"):
+        policy.import_state(0, '{"e":[1,0,-1]}')  # the JSON of older versions
+        policy.import_state(0, STATE_FORMAT + "not base85 ~~~")
+    assert policy.states == {} and len(caplog.records) == 2
+
+
+def test_the_processor_metrics_follow_the_policy_counters() -> None:
+    from prometheus_client import generate_latest
+
+    from fabwatch.stream.metrics import ProcessorMetrics
+
+    metrics, counters = ProcessorMetrics(), PolicyCounters(expired_open=2, expired_pending=1, dropped={0: 0, 2: 7})
+    metrics.observe_policy(counters)
+    counters.expired_open, counters.dropped = 3, {0: 4}  # one more expired; partition 2 revoked
+    metrics.observe_policy(counters)
+    text = generate_latest(metrics.registry).decode()
+    assert 'fabwatch_policy_expired_total{state="open"} 3.0' in text
+    assert 'fabwatch_policy_expired_total{state="pending"} 1.0' in text
+    assert 'fabwatch_policy_state_dropped{partition="0"} 4.0' in text and 'partition="2"' not in text
+
+
+def test_the_exported_state_follows_every_change_of_its_keys(monkeypatch) -> None:
+    import fabwatch.stream.policy as policy_module
+
+    t0 = 1_790_000_000_000
+    policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=2))
+    packs, pack = [], policy_module._pack
+    monkeypatch.setattr(policy_module, "_pack", lambda *args: packs.append(args) or pack(*args))
+
+    def exported() -> dict[str, KeyState]:
+        resumed = AlertPolicy(_manifest())
+        resumed.import_state(0, policy.export_state(0, MAX_OFFSET_METADATA))
+        return resumed.states
+
+    _windows(policy, ["a", "b"], [t0, t0], [1.5, 1.5])                  # two runs of 1
+    assert {e: s.run for e, s in exported().items()} == {"a": 1, "b": 1}
+    _windows(policy, ["a", "b"], [t0 + 1000, t0 + 1000], [1.5, 0.1])    # a opens, b goes quiet
+    assert {e: s.open for e, s in exported().items()} == {"a": True}
+    n = len(packs)
+    _windows(policy, ["a"], [t0 + 2000], [1.4])                         # still open, same minute: nothing to pack
+    assert {e: s.open for e, s in exported().items()} == {"a": True} and len(packs) == n
+    _windows(policy, ["a"], [t0 + 3000], [0.1])                         # closed
+    assert exported() == {}
