@@ -51,6 +51,7 @@ from fabwatch.stream.kafka.lifecycle import StopOnSignal
 from fabwatch.stream.metrics import MetricsServer, ProcessorMetrics
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
+from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import Rejected, RejectReason, decode_model_event
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
@@ -354,7 +355,8 @@ class Processor(StopOnSignal):
         """Load committed offsets (+ alert state) and rebuild each key's window from the readings before them."""
         if not partitions:
             return []
-        committed = self.consumer.committed([TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=30)
+        wanted = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        committed = retry_transient(lambda: self.consumer.committed(wanted, timeout=30), "reading committed offsets")
         for tp in committed:
             if tp.offset >= 0:
                 self.engine.policy.import_state(tp.partition, tp.metadata)
@@ -369,7 +371,9 @@ class Processor(StopOnSignal):
         bounded ``append`` per chunk."""
         cfg = self.config
         need = self.engine.windows.window - 1
-        low, _ = self.rebuilder.get_watermark_offsets(TopicPartition(self.topics.sensors, partition), timeout=10)
+        tp = TopicPartition(self.topics.sensors, partition)
+        low, _ = retry_transient(lambda: self.rebuilder.get_watermark_offsets(tp, timeout=10),
+                                 f"reading the offsets of partition {partition}")
         deadline = time.monotonic() + cfg.rebuild_timeout_s
         chunks: list[DecodedColumns] = []  # newest first
         counts: dict[str, int] = {}

@@ -1,0 +1,41 @@
+"""Broker calls made outside the consume loop (committed offsets, watermarks on assignment) retried
+through the broker's passing states: a leader moving, a coordinator loading, a request timing out. Left to
+raise, such an answer inside the assignment callback would stop the processor over nothing lasting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException
+
+log = logging.getLogger("fabwatch.kafka")
+T = TypeVar("T")
+
+TRANSIENT_CODES = frozenset({
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,  # a topic created a moment ago, not yet known to every listener
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._WAIT_COORD, KafkaError._ALL_BROKERS_DOWN,
+})
+
+
+def is_transient(err: KafkaError) -> bool:
+    return err.retriable() or err.code() in TRANSIENT_CODES
+
+
+def retry_transient(call: Callable[[], T], what: str, within_s: float = 60.0, first_wait_s: float = 0.2) -> T:
+    """``call()``, retried with doubling waits (at most 5 s) while it fails with a transient broker error
+    and ``within_s`` has not passed; any other error, or one still there after ``within_s``, is raised."""
+    deadline, wait = time.monotonic() + within_s, first_wait_s
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not isinstance(err, KafkaError) or not is_transient(err) or time.monotonic() + wait > deadline:
+                raise
+            log.warning("%s: %s; retrying in %.1f s", what, err, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 5.0)
