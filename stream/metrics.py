@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Callable
 
@@ -13,6 +14,9 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# every interface: Kubernetes probes and Prometheus reach a pod's port from outside it (deploy/); pass
+# --metrics-host 127.0.0.1 to keep the metrics to the host
+DEFAULT_METRICS_HOST = "0.0.0.0"
 
 
 class ProcessorMetrics:
@@ -61,10 +65,45 @@ class ProcessorMetrics:
         self._policy_partitions = set(counters.dropped)
 
 
-class MetricsServer:
-    """Serves the metrics registry and a readiness probe on a daemon thread."""
+class Liveness:
+    """Heartbeats of the loops a process lives by. A loop that has not beaten for ``timeout_s``, or whose
+    thread has ended, makes ``failure`` name it: ``/healthz`` answers 503, and the orchestrator restarts
+    a process that would otherwise sit there answering 200 while doing nothing."""
 
-    def __init__(self, metrics: ProcessorMetrics, ready: Callable[[], bool], port: int, host: str = "0.0.0.0"):
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._beats: dict[str, float] = {}
+        self._threads: dict[str, threading.Thread] = {}
+
+    def beat(self, loop: str) -> None:
+        self._beats[loop] = time.monotonic()
+
+    def track(self, loop: str, thread: threading.Thread) -> None:
+        """Also fail when ``thread``, which runs ``loop``, has ended (call ``forget`` before a planned end)."""
+        self._threads[loop] = thread
+
+    def forget(self, loop: str) -> None:
+        self._beats.pop(loop, None)
+        self._threads.pop(loop, None)
+
+    def failure(self) -> str | None:
+        """Why the process is not alive, or None."""
+        now = time.monotonic()
+        for loop, thread in list(self._threads.items()):
+            if not thread.is_alive():
+                return f"{loop} thread died"
+        for loop, last in list(self._beats.items()):
+            if now - last > self.timeout_s:
+                return f"{loop} stalled: no iteration for {now - last:.0f}s (limit {self.timeout_s:.0f}s)"
+        return None
+
+
+class MetricsServer:
+    """Serves the metrics registry, a readiness probe and a liveness probe on a daemon thread.
+    ``health`` returns why the process is not alive (``/healthz`` answers 503 with it), or None."""
+
+    def __init__(self, metrics: ProcessorMetrics, ready: Callable[[], bool], port: int, host: str = DEFAULT_METRICS_HOST,
+                 health: Callable[[], str | None] = lambda: None):
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,7 +115,8 @@ class MetricsServer:
                     ok = ready()
                     self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
                 elif path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
+                    failure = health()
+                    self._send(200 if failure is None else 503, f"{failure or 'ok'}\n".encode(), "text/plain")
                 else:
                     self._send(404, b"not found\n", "text/plain")
 

@@ -23,8 +23,13 @@ State across restarts and rebalances
     the same alert ids, as an uninterrupted one.
 
 Hot reload
-    A watcher thread follows the registry's ``current`` pointer and ModelEvents on the models topic;
-    it builds the new session beside the serving one, and the loop swaps it in between batches.
+    A watcher thread (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer and
+    ModelEvents on the models topic from the version loaded at start-up on; it builds the new session
+    beside the serving one, retries a failed load with backoff, and the loop swaps it in between batches.
+
+Liveness
+    ``/healthz`` answers 503, naming the loop, when the consume loop or the watcher has not turned for
+    ``liveness_timeout_s`` or the watcher's thread has died; ``/ready`` says whether partitions are held.
 """
 
 from __future__ import annotations
@@ -39,8 +44,7 @@ from typing import Sequence
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, \
-    TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from fabwatch.export.registry import Registry
 from fabwatch.export.runtime import ScoringModel
@@ -48,17 +52,21 @@ from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.decode import BatchDecoder, DecodedColumns
 from fabwatch.stream.engine import EngineResult, ScoringEngine
 from fabwatch.stream.kafka.lifecycle import StopOnSignal
-from fabwatch.stream.metrics import MetricsServer, ProcessorMetrics
+from fabwatch.stream.metrics import DEFAULT_METRICS_HOST, Liveness, MetricsServer, ProcessorMetrics
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.kafka.retry import retry_transient
-from fabwatch.stream.schemas import Rejected, RejectReason, decode_model_event
+from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
 from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
 
 log = logging.getLogger("fabwatch.processor")
 
 MAX_OFFSET_METADATA = 4000  # the broker's offset.metadata.max.bytes defaults to 4096
+# librdkafka's max.poll.interval.ms default: a consumer that goes this long between polls has left its group
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
+CONSUME_LOOP = "consume loop"  # its name in Liveness and in /healthz's answer
 
 
 @dataclass
@@ -75,7 +83,12 @@ class ProcessorConfig:
     key_ttl_s: float | None = 6 * 3600.0
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics_port: int | None = None
+    metrics_host: str = DEFAULT_METRICS_HOST
+    # no turn of the consume loop or the model watcher for this long fails /healthz; None: twice
+    # max.poll.interval.ms (a loop that slow has already lost its partitions), at least 60 s
+    liveness_timeout_s: float | None = None
     reload_interval_s: float = 2.0
+    reload_retry_max_s: float = 300.0
     rebuild_chunk: int = 20_000
     rebuild_max_messages: int = 2_000_000
     rebuild_timeout_s: float = 30.0  # per partition
@@ -99,6 +112,8 @@ class Processor(StopOnSignal):
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
         self.metrics.set_model(model.version, model.provider)
+        max_poll_s = float(settings.kafka_options.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS)) / 1000
+        self.liveness = Liveness(config.liveness_timeout_s or max(60.0, 2 * max_poll_s))
         self._stop = threading.Event()
         self._pending: ScoringModel | None = None
         self._pending_lock = threading.Lock()
@@ -139,19 +154,25 @@ class Processor(StopOnSignal):
         cfg = self.config
         ensure_topics(self.settings, [self.topics.sensors, self.topics.alerts, self.topics.dlq, self.topics.scores,
                                       self.topics.models])
+        self.liveness.beat(CONSUME_LOOP)
         if cfg.metrics_port is not None:
-            self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port)
-            log.info("metrics on port %d (/metrics, /ready)", self.http.port)
+            self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
+                                      self.liveness.failure)
+            host, port = self.http.server.server_address[:2]
+            log.info("metrics on port %d of %s (/metrics, /ready, /healthz)", port, host)
         if cfg.exactly_once:
             self.producer.init_transactions(30)
-        watcher = threading.Thread(target=self._watch_models, name="model-watcher", daemon=True)
-        watcher.start()
+        ModelWatcher(self.registry, self.engine.version, self._load, self.metrics, self.liveness, self._stop,
+                     open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
+                     interval_s=cfg.reload_interval_s, retry_min_s=cfg.reload_interval_s,
+                     retry_max_s=cfg.reload_retry_max_s).start()
         self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         log.info("serving %s (%s) on %s, group %s, %s", self.engine.version, self.engine.model.provider,
                  self.topics.sensors, cfg.group_id, "exactly-once" if cfg.exactly_once else "at-least-once")
         try:
             while not self._stop.is_set():
+                self.liveness.beat(CONSUME_LOOP)
                 self._swap_if_pending()
                 msgs = self.consumer.consume(cfg.max_batch, cfg.max_wait_ms / 1000)
                 if msgs:
@@ -435,45 +456,10 @@ class Processor(StopOnSignal):
         self.metrics.reloads.labels(result="ok").inc()
         log.info("hot reload: %s -> %s (%s)", old, model.version, model.provider)
 
-    def _watch_models(self) -> None:
-        """Follow ``current`` and ModelEvents; load a new version beside the serving one."""
-        events = Consumer({**self.settings.client_config(), "group.id": f"{self.config.group_id}-models",
-                           "enable.auto.commit": False})
-        try:
-            md = events.list_topics(self.topics.models, timeout=10).topics.get(self.topics.models)
-            parts = sorted(md.partitions) if md is not None and md.partitions else [0]
-            events.assign([TopicPartition(self.topics.models, p, OFFSET_END) for p in parts])
-        except KafkaException as exc:
-            log.warning("not following %s (%s): the registry pointer alone triggers reloads", self.topics.models, exc)
-        tried: str | None = self.engine.version
-        pointer = self.registry.current_version()
-        while not self._stop.is_set():
-            wanted: tuple[str, str | None] | None = None  # (version, the model.onnx sha256 an event announced)
-            if self.registry.current_version() != pointer:
-                pointer = self.registry.current_version()
-                wanted = None if pointer is None else (pointer, None)
-            for m in events.consume(100, self.config.reload_interval_s):
-                if m.error() is None:
-                    try:
-                        event = decode_model_event(m.value())
-                    except Rejected as exc:
-                        log.warning("ignoring a model event (%s): still serving %s", exc, self.engine.version)
-                        continue
-                    wanted = (event.version, event.sha256)
-            if wanted is None or wanted[0] == tried:
-                continue
-            tried = wanted[0]
-            self._load(*wanted)
-        events.close()
-
     def _load(self, version: str, sha256: str | None) -> None:
-        try:
-            vdir, manifest = self.registry.resolve(version, sha256)
-            model = ScoringModel(vdir, manifest, self.config.providers)
-            self.engine.check_compatible(model)
-        except Exception as exc:  # any failure keeps the serving model; say why
-            self.metrics.reloads.labels(result="failed").inc()
-            log.error("hot reload of %s failed, still serving %s: %s", version, self.engine.version, exc)
-            return
+        """Build ``version`` beside the serving model for the loop to swap in; raises when it cannot serve."""
+        vdir, manifest = self.registry.resolve(version, sha256)
+        model = ScoringModel(vdir, manifest, self.config.providers)
+        self.engine.check_compatible(model)
         with self._pending_lock:
             self._pending = model

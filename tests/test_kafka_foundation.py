@@ -1,5 +1,5 @@
-"""The real broker: keyed round trip with per-key order, idempotent topic creation, and the
-`fabwatch broker` lifecycle leaving no process behind."""
+"""The real broker: keyed round trip with per-key order, idempotent topic creation with the broker's
+replication factor, and the `fabwatch broker` lifecycle leaving no process behind."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+from pydantic import ValidationError
 
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.topics import ensure_topics
@@ -56,6 +58,38 @@ def test_topic_creation_is_idempotent(settings: Settings):
     assert set(ensure_topics(settings, partitions=2).values()) == {"exists"}
     md = AdminClient(settings.client_config()).list_topics(timeout=10)
     assert len(md.topics[settings.topics.alerts].partitions) == 2
+
+
+def test_topics_get_the_brokers_replication_factor_by_default(settings: Settings, unique_topic: str, monkeypatch):
+    requested: list[int] = []
+    create_topics = AdminClient.create_topics
+
+    def spy(self: AdminClient, new_topics: list, **kwargs):
+        requested.extend(t.replication_factor for t in new_topics)
+        return create_topics(self, new_topics, **kwargs)
+
+    monkeypatch.setattr(AdminClient, "create_topics", spy)
+    assert ensure_topics(settings, [unique_topic], partitions=2) == {unique_topic: "created"}
+    assert requested == [-1]  # the CreateTopics request leaves the choice to the broker
+    admin = AdminClient(settings.client_config())
+    deadline = time.monotonic() + 30
+    while not (md := admin.list_topics(unique_topic, timeout=10)).topics[unique_topic].partitions:
+        assert time.monotonic() < deadline, "the new topic's partitions never showed in the metadata"
+        time.sleep(0.2)
+    broker = ConfigResource(ResourceType.BROKER, str(next(iter(md.brokers))))
+    configs = admin.describe_configs([broker])[broker].result(timeout=10)
+    default = int(configs["default.replication.factor"].value)
+    assert [len(p.replicas) for p in md.topics[unique_topic].partitions.values()] == [default, default]
+
+
+@pytest.mark.parametrize(("env", "accepted"), [("-1", True), ("3", True), ("0", False), ("-2", False)])
+def test_replication_factor_is_the_brokers_default_or_positive(monkeypatch, env: str, accepted: bool):
+    monkeypatch.setenv("FABWATCH_REPLICATION_FACTOR", env)
+    if accepted:
+        assert Settings().replication_factor == int(env)
+    else:
+        with pytest.raises(ValidationError, match="replication_factor"):
+            Settings()
 
 
 def test_security_settings_pass_through_to_librdkafka(monkeypatch):

@@ -10,6 +10,7 @@ import base64
 import json
 import re
 import signal
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fabwatch.export.registry import Registry, atomic_write_text
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.decode import BatchDecoder
 from fabwatch.stream.engine import ScoringEngine, run_offline
+from fabwatch.stream.processor import Processor, ProcessorConfig
 from fabwatch.stream.schemas import ModelEvent
 from fabwatch.stream.kafka.topics import ensure_topics
 from onnx_fixtures import add_version, make_registry, readings
@@ -208,17 +210,36 @@ def test_hot_reload_mid_stream(topics, registry, tmp_path) -> None:
     assert Registry(registry).current_version() == bad  # the tampered one is current, yet it never served
 
 
+def test_a_promotion_made_while_the_processor_starts_is_served(topics, registry) -> None:
+    processor = Processor(topics, ProcessorConfig(registry=registry, group_id="startup-promotion",
+                                                  reload_interval_s=0.2))
+    assert processor.engine.version == "v0001"
+    promoted = add_version(registry, weights=(0.6, 0.4))  # after the model was loaded, before the watcher runs
+    runner = threading.Thread(target=processor.run, name="processor")
+    runner.start()
+    try:
+        wait_for(lambda: processor.engine.version == promoted, 60, what=f"{promoted} swapped in")
+        assert processor.liveness.failure() is None
+    finally:
+        processor.stop()
+        runner.join(60)
+    assert not runner.is_alive()
+
+
 def test_sigterm_commits_and_exits_zero(topics, registry, tmp_path) -> None:
     data = readings(ENTITIES[:5], 150, seed=8, spikes={"OHT-003": [120]})
     produce(topics, topics.topics.sensors, data)
     log = tmp_path / "serve.log"
-    proc = start_serve(topics, registry, "--metrics-port", "0", "--group", "sigterm-group", log_path=log)
+    proc = start_serve(topics, registry, "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--group",
+                       "sigterm-group", log_path=log)
     try:
         wait_for(lambda: log_has(log, "metrics on port"), 30, what="metrics server")
-        port = int(re.search(r"metrics on port (\d+)", log.read_text()).group(1))
+        port, host = re.search(r"metrics on port (\d+) of (\S+)", log.read_text()).groups()
+        assert host == "127.0.0.1"  # bound where asked, not on every interface
         read_all(topics, topics.topics.alerts, expect=1, timeout_s=60)
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200, 20,
                  what="ready")
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read() == b"ok\n"
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     finally:
         rc = stop(proc, signal.SIGTERM)

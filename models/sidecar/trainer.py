@@ -352,5 +352,9 @@ class Trainer:
         self._close_writer()
 
 
-def serve_metrics(metrics: TrainerMetrics, port: int) -> None:
-    start_http_server(port, registry=metrics.registry)
+def serve_metrics(metrics: TrainerMetrics, port: int, host: str) -> tuple[str, int]:
+    """Serve ``/metrics`` on a daemon thread; returns the address bound (port 0: a free one)."""
+    server, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    bound = server.server_address[:2]
+    log.info("metrics on port %d of %s (/metrics)", bound[1], bound[0])
+    return bound

@@ -16,8 +16,9 @@ import typer
 
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.cli.options import (BootstrapOpt, EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, LabelColOpt,
-                                         TsColOpt, column_list, emit, require_extra, settings_for)
+                                         MetricsHostOpt, TsColOpt, column_list, emit, require_extra, settings_for)
 from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 
 app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -249,6 +250,7 @@ def trainer_cmd(
     quick: Annotated[bool, typer.Option("--quick", help="few epochs, every 4th window (demo, CI)")] = False,
     cold_start: Annotated[bool, typer.Option("--cold-start", help="train from scratch, not from the serving weights")] = False,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics on this port")] = None,
+    metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
     bootstrap: BootstrapOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -266,7 +268,7 @@ def trainer_cmd(
                              epochs=epochs, quick=quick, warm_start=not cold_start)
     trainer = Trainer(settings_for(bootstrap), options)
     if metrics_port is not None:
-        serve_metrics(trainer.metrics, metrics_port)
+        serve_metrics(trainer.metrics, metrics_port, metrics_host)
     stopping = False
 
     def stop(*_: object) -> None:

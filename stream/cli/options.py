@@ -17,6 +17,8 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output"
 RegistryOpt = Annotated[Path, typer.Option("--registry", help="model registry directory")]
 BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers "
                                                      "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
+MetricsHostOpt = Annotated[str, typer.Option("--metrics-host", help="address the metrics server binds "
+                                             "(127.0.0.1: this host only)")]
 # how `train`, `evaluate` and `replay` map a file's columns (fabwatch.stream.offline.files.ColumnMap)
 TsColOpt = Annotated[Optional[str], typer.Option("--ts-col", help="timestamp column: ISO-8601, epoch s or ms "
                                                  "(inferred: ts, timestamp, time, datetime, date)")]

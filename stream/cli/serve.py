@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, settings_for
+from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, MetricsHostOpt, settings_for
+from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 
 def serve(
     registry: Annotated[Path, typer.Option("--registry", help="model registry directory (serves its `current`)")],
@@ -21,7 +22,12 @@ def serve(
                                                "(downstream consumers read_committed)")] = False,
     emit_scores: Annotated[bool, typer.Option("--emit-scores", help="also produce every window score")] = False,
     stride: Annotated[int, typer.Option(min=1, help="score ~1 reading in K per key")] = 1,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics and /ready on this port")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics, /ready and /healthz on this "
+                                                        "port")] = None,
+    metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
+    liveness_timeout_s: Annotated[Optional[float], typer.Option(
+        min=1, help="/healthz fails after this long without a turn of the consume loop or the model watcher "
+        "(default: twice max.poll.interval.ms, at least 60)")] = None,
     group: Annotated[str, typer.Option(help="consumer group")] = "fabwatch-processor",
     instance_id: Annotated[Optional[str], typer.Option(help="unique per instance (transactional id); given, it "
                                                        "makes the instance a static group member that gets its "
@@ -51,7 +57,8 @@ def serve(
         raise UsageError(f"no model registry at {registry}")
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
                              stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
-                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, rebuild_chunk=rebuild_chunk,
+                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, metrics_host=metrics_host,
+                             liveness_timeout_s=liveness_timeout_s, rebuild_chunk=rebuild_chunk,
                              rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s,
                              instance_id=instance_id or None,
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fabwatch.export.errors import UsageError
@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".fabwatch"), description="local state: broker data, jar cache, pid files")
     bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers; else $KAFKA_BOOTSTRAP_SERVERS, else the local broker")
     partitions: int = Field(default=3, ge=1, description="partitions for topics fabwatch creates")
-    replication_factor: int = Field(default=1, ge=1)
+    replication_factor: int = Field(
+        default=-1, description="replication factor of topics fabwatch creates; -1: the broker's "
+        "default.replication.factor")
     max_message_bytes: int = Field(default=1_000_000, ge=1024, description="readings larger than this go to the DLQ as too_large")
     max_future_skew_s: float | None = Field(
         default=600.0, ge=0, description="readings dated further after their broker timestamp (or the wall clock) "
@@ -60,6 +62,13 @@ class Settings(BaseSettings):
         default_factory=dict, description="extra librdkafka properties as JSON: strings, numbers or booleans")
 
     topics: TopicNames = Field(default_factory=TopicNames)
+
+    @field_validator("replication_factor")
+    @classmethod
+    def _broker_default_or_positive(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("must be -1 (the broker's default.replication.factor) or at least 1")
+        return value
 
     def resolve_bootstrap(self) -> str:
         """Flag/env ``FABWATCH_BOOTSTRAP``, then ``KAFKA_BOOTSTRAP_SERVERS``, then the running local broker."""

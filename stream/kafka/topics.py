@@ -12,7 +12,8 @@ from fabwatch.stream.kafka.config import Settings
 
 def ensure_topics(settings: Settings, names: Iterable[str] | None = None, partitions: int | None = None,
                   timeout: float = 30.0) -> dict[str, str]:
-    """Create the topics that do not exist yet. Returns ``{topic: "created" | "exists"}``."""
+    """Create the topics that do not exist yet, with ``settings.replication_factor`` (-1 lets the broker apply
+    its ``default.replication.factor``). Returns ``{topic: "created" | "exists"}``."""
     names = list(names) if names is not None else settings.topics.all()
     admin = AdminClient(settings.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
