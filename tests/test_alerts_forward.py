@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -128,11 +130,13 @@ def test_webhook_delivers_every_alert_in_order_through_503s(settings: Settings, 
     r = Receiver(fail_first=5)
     sent = alerts_for(["OHT-1", "OHT-2", "STK-3", "STK-4"], per_entity=6)
     produce_alerts(settings, sent)
-    proc = start_forward(settings, "--webhook", r.url, log_path=tmp_path / "fwd.log")
+    port = free_port()
+    proc = start_forward(settings, "--webhook", r.url, "--metrics-port", str(port), log_path=tmp_path / "fwd.log")
     try:
         wait_for(lambda: {a["alert_id"] for a in r.accepted_alerts()} >= {a.alert_id for a in sent}, 120,
                  what="every alert delivered")
         wait_for(lambda: committed_total(settings) == len(sent), 60, what="every offset committed")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         assert stop(proc) == 0
         r.server.shutdown()
@@ -143,6 +147,15 @@ def test_webhook_delivers_every_alert_in_order_through_503s(settings: Settings, 
     expected = by_entity([a.model_dump() for a in sent])
     assert by_entity(got) == expected  # none lost, in order per entity
     assert "retry" in (tmp_path / "fwd.log").read_text()
+    assert 'fabwatch_forward_retries_total{status="503"} 5.0' in metrics
+    assert f'fabwatch_forward_delivered_total{{state="open"}} {len(sent) // 2}.0' in metrics
+    assert "fabwatch_forward_blocked 0.0" in metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.integration
@@ -185,11 +198,13 @@ def test_alertmanager_format_and_permanent_refusals_dead_lettered(settings: Sett
     after = alerts_for(["OHT-8"], per_entity=1)[0]
     receiver.refuse = {'"entity":"BAD-1"': 400}
     produce_alerts(settings, [opened, b"not json", refused, closed, after])
+    port = free_port()
     proc = start_forward(settings, "--alertmanager", receiver.url + "/", "--generator-url", "http://grafana/d/fab",
-                         log_path=tmp_path / "fwd.log")
+                         "--metrics-port", str(port), log_path=tmp_path / "fwd.log")
     try:
         wait_for(lambda: len(receiver.accepted) >= 3, 90, what="three alerts accepted")
         wait_for(lambda: committed_total(settings) == 5, 60, what="every offset committed")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         assert stop(proc) == 0
     assert {path for path, _ in receiver.accepted} == {"/api/v2/alerts"}
@@ -208,6 +223,7 @@ def test_alertmanager_format_and_permanent_refusals_dead_lettered(settings: Sett
     assert sorted(d["reason"] for d in letters) == ["bad_json", "delivery_refused"]
     refusal = next(d for d in letters if d["reason"] == "delivery_refused")
     assert "400" in refusal["detail"] and refusal["key"] == "BAD-1"
+    assert 'fabwatch_forward_failures_total{status="400"} 1.0' in metrics
 
 
 def test_one_receiver_required() -> None:
