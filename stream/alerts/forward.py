@@ -146,6 +146,7 @@ class Forwarder(StopOnSignal):
             "client.id": "fabwatch-alerts-forward"})
         self.producer = Producer({**base, "acks": "all", "enable.idempotence": True,
                                   "client.id": "fabwatch-alerts-forward"})
+        # a dead letter lost even without its payload is logged by DeadLetters; its offset is committed anyway
         self.dead_letters = DeadLetters(self.producer, settings.topics.dlq, lambda _reason: None)
 
     def run(self) -> None:
