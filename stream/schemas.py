@@ -34,6 +34,7 @@ class RejectReason(StrEnum):
     conflicting_duplicate = "conflicting_duplicate"  # same entity and ts as an accepted reading, other values
     clock_skew = "clock_skew"
     internal = "internal"
+    delivery_refused = "delivery_refused"  # `alerts forward`: the receiver answered 4xx (not 408/429) to an alert
 
 
 MAX_TS_MS = 1 << 45  # the window store's limit (year 3084); bounds timestamps before any float conversion
@@ -335,6 +336,11 @@ class ModelEvent(BaseModel):
     action: Literal["promoted", "rolled_back"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     ts: int
+
+
+def decode_alert(raw: bytes | None, max_bytes: int = 1_000_000) -> Alert:
+    """Raw Kafka value -> ``Alert``, or ``Rejected`` with a reason (``alerts forward`` dead-letters it)."""
+    return _validate_json(Alert, raw, max_bytes)
 
 
 def decode_model_event(raw: bytes | None, max_bytes: int = 64_000) -> ModelEvent:

@@ -302,11 +302,12 @@ def bench_kafka(bootstrap: BootstrapOpt = None,
 
 def _register_areas() -> None:
     """Each area owns its commands in its own module (imports stay light: no TensorFlow here)."""
+    from fabwatch.stream.cli.alerts import register as register_alerts
     from fabwatch.stream.cli.train import register as register_models
     from fabwatch.stream.cli.logs import register as register_logs
     from fabwatch.stream.cli.serve import register as register_serve
 
-    for register in (register_models, register_serve, register_logs):
+    for register in (register_models, register_serve, register_logs, register_alerts):
         register(app, bench_app)
 
 

@@ -1,5 +1,5 @@
 """Commands of this area, registered on the root ``fabwatch`` app by ``fabwatch.stream.cli.main``:
-``fabwatch serve``, ``fabwatch alerts tail`` and ``fabwatch bench stream``."""
+``fabwatch serve`` and ``fabwatch bench stream``."""
 
 from __future__ import annotations
 
@@ -67,54 +67,6 @@ def serve(
     processor.run()
 
 
-def alerts_tail(
-    bootstrap: BootstrapOpt = None,
-    entity: Annotated[Optional[str], typer.Option(help="only this entity")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="only this kind (anomaly, delay, spike, log)")] = None,
-    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="start at the oldest alert")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON alert per line")] = False,
-    max_alerts: Annotated[Optional[int], typer.Option(help="exit after this many alerts")] = None,
-) -> None:
-    """Follow the alert topic (read_committed) and print alerts readably."""
-    import uuid
-    from datetime import datetime, timezone
-
-    from confluent_kafka import Consumer
-
-    from fabwatch.stream.schemas import Alert
-
-    settings = settings_for(bootstrap)
-    consumer = Consumer(settings.client_config(**{
-        "group.id": f"fabwatch-tail-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
-        "auto.offset.reset": "earliest" if from_beginning else "latest", "isolation.level": "read_committed"}))
-    consumer.subscribe([settings.topics.alerts])
-    shown = 0
-    try:
-        while max_alerts is None or shown < max_alerts:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
-            try:
-                alert = Alert.model_validate_json(msg.value())
-            except ValueError:
-                continue
-            if (entity and alert.entity != entity) or (kind and alert.kind != kind):
-                continue
-            shown += 1
-            if as_json:
-                typer.echo(alert.model_dump_json())
-                continue
-            when = datetime.fromtimestamp(alert.window_end_ts / 1000, timezone.utc).isoformat(timespec="seconds")
-            feats = ", ".join(f"{f.name}={f.contribution:.2f}" for f in alert.top_features)
-            typer.echo(f"{when}  {alert.state.upper():6} {alert.severity:8} {alert.kind:7} {alert.entity:12} "
-                       f"score {alert.score:.3f} (thr {alert.threshold:.3f})  model {alert.model_version}  "
-                       f"top: {feats}  id {alert.alert_id[:12]}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        consumer.close()
-
-
 def bench_stream(
     bootstrap: BootstrapOpt = None,
     messages: Annotated[int, typer.Option(help="readings for the throughput runs")] = 200_000,
@@ -134,7 +86,4 @@ def bench_stream(
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
     app.command("serve")(serve)
-    alerts_app = typer.Typer(help="The alert topic.", no_args_is_help=True)
-    alerts_app.command("tail")(alerts_tail)
-    app.add_typer(alerts_app, name="alerts")
     bench_app.command("stream")(bench_stream)
