@@ -29,11 +29,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Literal, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
 from fabwatch.export.errors import UsageError
+
+if TYPE_CHECKING:
+    from drain3 import TemplateMiner
 
 # ``081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38 terminating``
 HDFS_LINE = re.compile(r"^(?P<date>\d{6}) (?P<time>\d{6}) (?P<pid>\d+) (?P<level>\w+) (?P<component>[^:]+): (?P<content>.*)$")
@@ -135,7 +138,7 @@ class DrainState(BaseModel):
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
 
-def _miner(masks: Sequence[tuple[str, str]], depth: int, sim_th: float = 0.5):
+def _miner(masks: Sequence[tuple[str, str]], depth: int, sim_th: float = 0.5) -> "TemplateMiner":
     from drain3 import TemplateMiner
     from drain3.masking import MaskingInstruction
     from drain3.template_miner_config import TemplateMinerConfig
@@ -189,7 +192,6 @@ class DrainMatcher:
             drain.id_to_cluster[cluster_id] = cluster
             drain.add_seq_to_prefix_tree(drain.root_node, cluster)
             self._keys[cluster_id] = key
-        drain.clusters_counter = len(self._keys)
 
     def event_id(self, content: str) -> str:
         cluster = self._miner.match(content, full_search_strategy="fallback")
