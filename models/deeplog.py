@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fabwatch.stream.logs.parse import DRAIN_STATE, DrainState
 from fabwatch.stream.logs.score import SPECIALS, Vocabulary, build_windows, next_key_ranks, session_max_rank, window_codes
 
 
@@ -171,9 +172,11 @@ def choose_top_g(sessions: Sequence[Sequence[str]], config: DeepLogConfig, holdo
 
 
 def export_to_registry(model: Any, vocab: Vocabulary, config: DeepLogConfig, registry: Path | str,
-                       figures: dict, data_fingerprint: str = "", promote: bool = True) -> str:
+                       figures: dict, data_fingerprint: str = "", promote: bool = True,
+                       drain_state: DrainState | None = None) -> str:
     """ONNX export (fused LSTM, parity-checked on random windows over the whole vocabulary) into a new
-    registry version; promoted unless ``promote`` is False."""
+    registry version; promoted unless ``promote`` is False. ``drain_state``: the Drain templates that
+    keyed the training lines, stored beside the model (listed with its sha256 like every file)."""
     from fabwatch.export.onnx_export import keras_to_onnx
     from fabwatch.export.registry import Manifest, Registry
 
@@ -186,6 +189,8 @@ def export_to_registry(model: Any, vocab: Vocabulary, config: DeepLogConfig, reg
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)  # never leave a half-built version behind
         raise
+    if drain_state is not None:
+        drain_state.write(staging / DRAIN_STATE)
     manifest = Manifest(
         version="pending", created="", task="logkeys", feature_names=["log_key"], window=config.h,
         inputs={"keys": [None, config.h]}, outputs=["probs"], parity={"model.onnx": report.parity_max_abs},

@@ -108,6 +108,8 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
     n_rows = sum(len(e.split()) for e in SESSIONS.values())
     assert (sent["sent"], sent["topic"]) == (n_rows, settings.topics.logkeys)
     produce(settings, settings.topics.logkeys, [b"not a log key"], keys=[b"blk_101"])  # -> the DLQ, not an alert
+    future = {"session": "blk_101", "ts": 4_102_444_800_000, "key": "E30", "line": 10_000}  # 2100: DLQ, clock_skew
+    produce(settings, settings.topics.logkeys, [future], key_field="session")
 
     group = f"logs-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "serve.log"
@@ -143,12 +145,12 @@ def test_raw_log_replay_alerts_exactly_the_offline_flags(settings, tiny_model: P
     (short,) = [a for a in alerts if a.detail["reason"] == "short_session"]
     assert (short.entity, short.detail["keys"], short.threshold) == ("blk_205", 3, H + 1)
 
-    (dead,) = [json.loads(d) for d in read_all(settings, settings.topics.dlq, expect=1, timeout_s=10)]
-    assert (dead["reason"], dead["key"]) == ("bad_json", "blk_101")
+    dead = [json.loads(d) for d in read_all(settings, settings.topics.dlq, expect=2, timeout_s=10)]
+    assert sorted((d["reason"], d["key"]) for d in dead) == [("bad_json", "blk_101"), ("clock_skew", "blk_101")]
 
     # at-least-once: everything consumed was committed on SIGTERM
     committed = committed_offsets(settings, group, settings.topics.logkeys, settings.partitions)
-    assert sum(max(offset, 0) for offset in committed.values()) == n_rows + 1
+    assert sum(max(offset, 0) for offset in committed.values()) == n_rows + 2
 
 
 def test_hdfs_log_replay_refuses_table_options_and_loop(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, RegistryOpt, dat
 
 
 TopGOpt = Annotated[Optional[int], typer.Option("--top-g", help="override the manifest's top-g")]
+ModelDrainOpt = Annotated[Optional[Path], typer.Option(
+    "--registry", help="key lines with the Drain templates stored with this registry's current logkeys model "
+    "(no learning: a line none matches is `unmatched`)")]
 
 
 
@@ -68,25 +71,38 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def parse(raw: Annotated[Path, typer.Argument(help="raw HDFS log file")],
               templates: Annotated[Optional[Path], typer.Option("--templates", help="EventId,EventTemplate CSV "
                                                                 "(loghub HDFS_templates.csv format); Drain when absent")] = None,
+              registry: ModelDrainOpt = None,
+              save_drain_state: Annotated[Optional[Path], typer.Option(
+                  "--save-drain-state", help="write the Drain templates learned from this file here "
+                  "(for `logs train --drain-state`)")] = None,
               out: Annotated[Optional[Path], typer.Option("--out", help="write LineId,BlockId,EventId rows here "
                                                           "(default: stdout)")] = None,
               compare: Annotated[Optional[Path], typer.Option("--compare", help="loghub *_structured.csv to "
                                                               "measure event agreement against")] = None,
               as_json: JsonFlag = False) -> None:
         """Raw HDFS lines -> rows (line id, block id = session, event id)."""
-        from fabwatch.stream.logs.parse import grouping_agreement, parse_file, read_structured, write_rows
+        from fabwatch.stream.logs.parse import (DrainMatcher, DrainState, grouping_agreement, parse_file,
+                                                read_structured, write_rows)
 
         if as_json and out is None:
             raise UsageError("--json prints a summary: give --out for the rows")
-        rows, used = parse_file(raw, templates)
+        if save_drain_state is not None and (templates or registry):
+            raise UsageError("--save-drain-state writes templates learned from this file: not with --templates "
+                             "or --registry")
+        rows, matcher = parse_file(raw, templates, DrainState.from_registry(registry) if registry else None)
+        if save_drain_state is not None:
+            assert isinstance(matcher, DrainMatcher)
+            matcher.state.write(save_drain_state)
         if out is None:
             write_rows(rows, sys.stdout)
         else:
             with open(out, "w", newline="") as f:
                 write_rows(rows, f)
-        summary: dict[str, Any] = {"parser": "templates" if templates else "drain3", "rows": len(rows),
+        summary: dict[str, Any] = {"parser": "templates" if templates else "drain3",
+                                   "drain_state": None if templates else str(registry) if registry else "learned",
+                                   "rows": len(rows),
                                    "lines": len({r.line_id for r in rows}), "blocks": len({r.block_id for r in rows}),
-                                   "events": len({r.event_id for r in rows}), "templates": used}
+                                   "events": len({r.event_id for r in rows}), "templates": matcher.templates}
         if compare is not None:
             summary["agreement"] = grouping_agreement({r.line_id: r.event_id for r in rows}, read_structured(compare))
         if as_json:
@@ -113,10 +129,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               count_power: Annotated[Optional[float], typer.Option("--count-power", help="distinct training windows "
                                                                    "weigh count ** this (default: the model's)")] = None,
               no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
+              drain_state: Annotated[Optional[Path], typer.Option(
+                  "--drain-state", help="the Drain templates that keyed --data (`logs parse --save-drain-state`): "
+                  "stored with the model, so replay and `logs parse --registry` key lines the same way")] = None,
               as_json: JsonFlag = False) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), store in the registry."""
         result = _train(data, registry, h=h, top_g=top_g, choose_g=choose_g, epochs=epochs, seed=seed,
-                        backoff=backoff, count_power=count_power, promote=not no_promote)
+                        backoff=backoff, count_power=count_power, promote=not no_promote, drain_state=drain_state)
         emit(result, as_json, f"trained {result['version']} (top-g {result['config']['top_g']}) on "
               f"{result['training']['sessions']} sessions in "
               f"{result['training']['train_seconds']:.1f}s; ONNX parity {result['parity_max_abs']:.1e}; "
@@ -195,12 +214,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bool = False, epochs: int | None = None,
            seed: int = 0, backoff: float = 0.1, count_power: float | None = None,
-           promote: bool = True) -> dict[str, Any]:
+           promote: bool = True, drain_state: Path | None = None) -> dict[str, Any]:
     """Read normal sessions, train, export and commit; the figures for the CLI and the benchmark."""
     from dataclasses import asdict
 
     from fabwatch.export.registry import Registry, sha256_file
     from fabwatch.models.deeplog import DeepLogConfig, choose_top_g, export_to_registry, train as fit
+    from fabwatch.stream.logs.parse import DrainState
     from fabwatch.stream.logs.score import read_sessions
 
     sessions, labels = read_sessions(data)
@@ -208,6 +228,12 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
         sessions = [s for s, label in zip(sessions, labels) if label == 0]
     if not sessions:
         raise UsageError(f"{data}: no normal sessions to train on")
+    state = DrainState.read(drain_state) if drain_state is not None else None
+    if state is not None:
+        foreign = sorted({k for s in sessions for k in s} - set(state.templates))
+        if foreign:
+            raise UsageError(f"{data}: keys {foreign[:3]} are not in the Drain state {drain_state}: parse the "
+                             f"training log with it (`logs parse --save-drain-state`)")
     if not 0.0 <= backoff < 1.0:
         raise UsageError(f"--backoff must be in [0, 1), got {backoff}")
     config = DeepLogConfig(h=h, top_g=top_g, seed=seed, backoff=backoff)
@@ -224,7 +250,7 @@ def _train(data: Path, registry: Path, h: int = 10, top_g: int = 9, choose_g: bo
     if choice is not None:
         figures["top_g_choice"] = choice
     version = export_to_registry(model, vocab, config, registry, figures, data_fingerprint=sha256_file(data),
-                                 promote=promote)
+                                 promote=promote, drain_state=state)
     manifest = Registry(registry).manifest(version)
     return {"version": version, "promoted": promote, "registry": str(registry), "config": asdict(config),
             "training": figures, "parity_max_abs": manifest.parity["model.onnx"],

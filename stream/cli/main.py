@@ -139,6 +139,9 @@ def replay_cmd(
                                                "hdfs-log (raw HDFS lines -> one log key per line and block)")] = None,
     templates: Annotated[Optional[Path], typer.Option("--templates", help="hdfs-log: EventId,EventTemplate CSV "
                                                       "(loghub HDFS_templates.csv format); Drain when absent")] = None,
+    registry: Annotated[Optional[Path], typer.Option("--registry", help="hdfs-log: key lines with the Drain "
+                                                     "templates stored with this registry's current logkeys model, "
+                                                     "as it was trained (default: learn them from FILE)")] = None,
     entity_col: EntityColOpt = None,
     entity: EntityOpt = None,
     ts_col: TsColOpt = None,
@@ -149,6 +152,7 @@ def replay_cmd(
     as_json: JsonFlag = False,
 ) -> None:
     """Replay a historical file into Kafka: readings keyed by entity, or log keys keyed by session."""
+    from fabwatch.stream.logs.parse import DrainState
     from fabwatch.stream.offline.replay import load_records, log_messages, reading_messages, replay
 
     if speed is not None and max_speed:
@@ -159,10 +163,10 @@ def replay_cmd(
             raise UsageError("--entity-col, --entity, --ts-col, --features, --label-col and --strict are for tables, "
                              "not --format hdfs-log")
         topic = topic or settings.topics.logkeys
-        messages = log_messages(file, templates)
+        messages = log_messages(file, templates, DrainState.from_registry(registry) if registry else None)
     else:
-        if templates is not None:
-            raise UsageError("--templates is for --format hdfs-log")
+        if templates is not None or registry is not None:
+            raise UsageError("--templates and --registry are for --format hdfs-log")
         topic = topic or settings.topics.sensors
         records = load_records(file, fmt, entity_col=entity_col, ts_col=ts_col, features=column_list(features),
                                label_col=label_col, entity=entity, strict=strict)

@@ -7,7 +7,13 @@ Serving side (no TensorFlow). Two ways to name events:
   the most specific one (most literal characters) wins, so ``Received block .. src .. dest .. of size``
   is not swallowed by a shorter pattern;
 - no template file: the Drain algorithm (He et al., ICWS 2017) from the ``drain3`` library, with block
-  ids, IP addresses and numbers masked first so that variable parts never split a template.
+  ids, IP addresses and numbers masked first so that variable parts never split a template. Drain
+  numbers its clusters in the order it meets them, so those numbers are not keys: the templates are
+  mined from the whole file first, each is named by a hash of its final text (``D`` + 12 hex digits),
+  and every line is then matched against them. Swapping lines changes no key. The learned templates
+  (a ``DrainState``, JSON) are stored with the DeepLog model in its registry version; replay and
+  ``logs parse --registry`` match lines against them and never learn: a line that no learned template
+  matches gets the key ``unmatched``, which the model reads as unknown (an ``unknown_key`` alert).
 
 A line names its block(s) with ``blk_<id>``; a line naming several blocks yields one row per block,
 as DeepLog's session grouping does (the block is the session).
@@ -16,20 +22,27 @@ as DeepLog's session grouping does (the block is the session).
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
+
+from pydantic import BaseModel, Field
 
 from fabwatch.export.errors import UsageError
+
+if TYPE_CHECKING:
+    from drain3 import TemplateMiner
 
 # ``081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38 terminating``
 HDFS_LINE = re.compile(r"^(?P<date>\d{6}) (?P<time>\d{6}) (?P<pid>\d+) (?P<level>\w+) (?P<component>[^:]+): (?P<content>.*)$")
 BLOCK_ID = re.compile(r"blk_-?\d+")
 UNMATCHED = "unmatched"
+DRAIN_STATE = "drain_state.json"  # the learned templates, in a logkeys registry version
 
 
 @dataclass(frozen=True)
@@ -85,11 +98,80 @@ class TemplateMatcher:
         return UNMATCHED
 
 
-class DrainMatcher:
-    """Drain template mining (drain3) with HDFS-friendly masks; event ids are ``D<cluster id>``.
+class DrainState(BaseModel):
+    """Learned Drain templates (key -> template) and the masks and tree depth they were mined with: what
+    the keys of a logkeys model mean. Plain JSON on purpose: drain3's own snapshots are jsonpickle,
+    which can build any Python object from the file."""
 
-    Clusters are mined online in one pass; a line keeps the cluster it joined (its id is stable even
-    when the cluster's template generalises later).
+    format: Literal["fabwatch-drain/1"] = "fabwatch-drain/1"
+    depth: int = Field(ge=3)
+    masks: list[tuple[str, str]] = Field(description="(regex, mask name), applied in order before matching")
+    templates: dict[str, str] = Field(description="key -> template; tokens are words, masks or <*>")
+
+    @classmethod
+    def read(cls, path: Path) -> "DrainState":
+        try:
+            return cls.model_validate_json(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise UsageError(f"Drain state {path} not found") from None
+        except ValueError as exc:
+            raise UsageError(f"{path}: not a Drain state ({str(exc)[:200]})") from None
+
+    @classmethod
+    def from_registry(cls, registry: Path, version: str | None = None) -> "DrainState":
+        """The state stored with a logkeys model (default: the current one), refused unless the bytes
+        read are the ones the manifest lists (``Registry.resolve`` has re-hashed every file already)."""
+        from fabwatch.export.registry import Registry, RegistryError
+
+        vdir, manifest = Registry(registry).resolve(version)
+        if manifest.task != "logkeys":
+            raise UsageError(f"registry {registry} version {manifest.version} is a {manifest.task!r} model, not logkeys")
+        if DRAIN_STATE not in manifest.files:
+            raise UsageError(f"{manifest.version} has no Drain state (trained on keys from a template file or "
+                             f"another parser): parse with --templates")
+        raw = (vdir / DRAIN_STATE).read_bytes()
+        if hashlib.sha256(raw).hexdigest() != manifest.files[DRAIN_STATE]:
+            raise RegistryError(f"{manifest.version}: {DRAIN_STATE} changed after its sha256 check: not used")
+        return cls.model_validate_json(raw)
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def _miner(masks: Sequence[tuple[str, str]], depth: int, sim_th: float = 0.5) -> "TemplateMiner":
+    from drain3 import TemplateMiner
+    from drain3.masking import MaskingInstruction
+    from drain3.template_miner_config import TemplateMinerConfig
+
+    config = TemplateMinerConfig()
+    config.drain_sim_th = sim_th
+    config.drain_depth = depth
+    config.profiling_enabled = False
+    config.masking_instructions = [MaskingInstruction(pattern, name) for pattern, name in masks]
+    return TemplateMiner(config=config)
+
+
+def template_key(template: str) -> str:
+    """A key named by the template's text, not by when Drain met it: the same in every file that
+    yields the template, whatever the order of its lines."""
+    return "D" + hashlib.sha256(template.encode()).hexdigest()[:12]
+
+
+def learn_drain(contents: Iterable[str], sim_th: float = 0.5, depth: int = 4) -> DrainState:
+    """Mine Drain templates from every line's content, with HDFS-friendly masks."""
+    miner = _miner(DrainMatcher.MASKS, depth, sim_th)
+    for content in contents:
+        miner.add_log_message(content)
+    templates = {c.get_template() for c in miner.drain.clusters}
+    return DrainState(depth=depth, masks=list(DrainMatcher.MASKS), templates={template_key(t): t for t in templates})
+
+
+class DrainMatcher:
+    """Keys from learned Drain templates; matching never learns: a line that no template matches token
+    for token (``<*>`` matching any token) is ``UNMATCHED``.
+
+    The miner is rebuilt from the state, templates inserted in key order, so the prefix tree and the
+    match of a line do not depend on the order of the lines the templates were learned from.
     """
 
     MASKS = (
@@ -98,54 +180,74 @@ class DrainMatcher:
         (r"(?<![A-Za-z])-?\d+(?![A-Za-z])", "NUM"),
     )
 
-    def __init__(self, sim_th: float = 0.5, depth: int = 4):
-        from drain3 import TemplateMiner
-        from drain3.masking import MaskingInstruction
-        from drain3.template_miner_config import TemplateMinerConfig
+    def __init__(self, state: DrainState):
+        from drain3.drain import LogCluster
 
-        config = TemplateMinerConfig()
-        config.drain_sim_th = sim_th
-        config.drain_depth = depth
-        config.profiling_enabled = False
-        config.masking_instructions = [MaskingInstruction(p, name) for p, name in self.MASKS]
-        self._miner = TemplateMiner(config=config)
+        self.state = state
+        self._miner = _miner(state.masks, state.depth)
+        drain = self._miner.drain
+        self._keys: dict[int, str] = {}
+        for cluster_id, key in enumerate(sorted(state.templates), start=1):
+            cluster = LogCluster(drain.get_content_as_tokens(state.templates[key]), cluster_id)
+            drain.id_to_cluster[cluster_id] = cluster
+            drain.add_seq_to_prefix_tree(drain.root_node, cluster)
+            self._keys[cluster_id] = key
 
     def event_id(self, content: str) -> str:
-        return f"D{self._miner.add_log_message(content)['cluster_id']}"
+        cluster = self._miner.match(content, full_search_strategy="fallback")
+        return UNMATCHED if cluster is None else self._keys[cluster.cluster_id]
 
     @property
     def templates(self) -> dict[str, str]:
-        return {f"D{c.cluster_id}": c.get_template() for c in self._miner.drain.clusters}
+        return self.state.templates
 
 
-def parse_lines(lines: Iterable[str], matcher: TemplateMatcher | DrainMatcher) -> Iterator[LogRow]:
-    """Rows for every line that names a block; lines without a parsable header or a block are skipped."""
+def hdfs_lines(lines: Iterable[str]) -> Iterator[tuple[int, str, list[str], int]]:
+    """``(line id, content, blocks, ts)`` of every line that names a block; lines without a parsable
+    header or a block are skipped."""
     for line_id, line in enumerate(lines, start=1):
         match = HDFS_LINE.match(line.rstrip("\r\n"))
         if match is None:
             continue
         content = match.group("content")
-        blocks = dict.fromkeys(BLOCK_ID.findall(content))
+        blocks = list(dict.fromkeys(BLOCK_ID.findall(content)))
         if not blocks:
             continue
         try:
             ts = hdfs_ts_ms(match.group("date"), match.group("time"))
         except ValueError:  # six digits that are no date: not an HDFS header after all
             continue
+        yield line_id, content, blocks, ts
+
+
+def parse_lines(lines: Iterable[str], matcher: TemplateMatcher | DrainMatcher) -> Iterator[LogRow]:
+    """One row per block named by each HDFS line, keyed by ``matcher``."""
+    for line_id, content, blocks, ts in hdfs_lines(lines):
         event_id = matcher.event_id(content)
         for block in blocks:
             yield LogRow(line_id, block, event_id, ts)
 
 
-def parse_file(path: Path, templates: Path | None = None) -> tuple[list[LogRow], dict[str, str]]:
-    """Parse a raw HDFS log; returns the rows and the event templates used (id -> template)."""
-    matcher = TemplateMatcher.from_csv(templates) if templates is not None else DrainMatcher()
+def parse_file(path: Path, templates: Path | None = None,
+               drain: DrainState | None = None) -> tuple[list[LogRow], TemplateMatcher | DrainMatcher]:
+    """Parse a raw HDFS log; returns the rows and the matcher that keyed them (its ``templates``:
+    key -> template). Keys come from the template file, else from ``drain`` (a model's learned
+    templates), else from Drain templates learned on this file first (a pass of its own)."""
+    if templates is not None and drain is not None:
+        raise UsageError("a template file and a Drain state exclude each other")
     try:
+        if templates is not None:
+            matcher: TemplateMatcher | DrainMatcher = TemplateMatcher.from_csv(templates)
+        else:
+            if drain is None:
+                with open(path, errors="replace") as f:
+                    drain = learn_drain(content for _, content, _, _ in hdfs_lines(f))
+            matcher = DrainMatcher(drain)
         with open(path, errors="replace") as f:
             rows = list(parse_lines(f, matcher))
     except FileNotFoundError:
         raise UsageError(f"log file {path} not found") from None
-    return rows, matcher.templates
+    return rows, matcher
 
 
 def write_rows(rows: Iterable[LogRow], out: IO[str]) -> None:

@@ -18,6 +18,12 @@ Alerts (kind ``log``, key = session):
   room for new sessions) with fewer than h + 1 keys, DeepLog's length rule; ``score`` is its length,
   ``threshold`` h + 1. Its id hashes (session, last line, model version, "short_session").
 ``window_start_ts`` is the session's first key, ``window_end_ts`` the alerted key (or the last one).
+A key whose event time lies outside ``Settings.event_time_bounds`` goes to the DLQ as ``clock_skew``,
+as a reading would.
+
+Keys are made where lines are parsed (``fabwatch replay --format hdfs-log --registry``, ``logs parse
+--registry``) with the Drain templates stored in the model's version, so they mean here what they
+meant in training; a key the model never saw (``unmatched`` included) is ``unknown_key``.
 
 Delivery: at-least-once. A poll's alerts (and the alerts of sessions that closed meanwhile) are
 produced and flushed before the poll's offsets are committed; SIGTERM finishes the poll in hand,
@@ -193,6 +199,8 @@ class LogServer(StopOnSignal):
         if config.max_sessions < config.max_batch:
             raise UsageError("--max-sessions must be at least --max-batch (a poll's sessions must all fit)")
         scorer = LogKeyScorer.from_registry(config.registry, top_g=config.top_g)
+        # as for readings: a key dated 2100 (or in microseconds) would stamp its session's alerts with it
+        self.event_time_bounds = settings.event_time_bounds()
         self.sessions = LogSessions(scorer, config.max_sessions)
         self._stop = threading.Event()
         self._next_offset: dict[int, int] = {}
@@ -246,11 +254,13 @@ class LogServer(StopOnSignal):
             self._next_offset[m.partition()] = m.offset() + 1
             source = SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset())
             try:
-                good.append(decode_logkey(m.value(), self.settings.max_message_bytes))
+                key = decode_logkey(m.value(), self.settings.max_message_bytes)
+                self.event_time_bounds.check(key.ts, m.timestamp()[1])
             except Rejected as exc:
                 self.dead_letters.send(m, exc.reason, exc.detail, int(time.time() * 1000))
                 self._count("dead_letters")
                 continue
+            good.append(key)
             sources.append(source)
             ingest.append(m.timestamp()[1])
         self.counts["consumed"] += len(good)

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -22,6 +22,9 @@ from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.offline.files import ColumnMap, Records, read_table, to_records
 from fabwatch.stream.kafka.outputs import produce_waiting
 from fabwatch.stream.kafka.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from fabwatch.stream.logs.parse import DrainState
 
 
 @dataclass
@@ -92,15 +95,16 @@ def reading_messages(records: Records, rows_in_file: int | None = None) -> Messa
                     shifted=partial(encode_readings, records))
 
 
-def log_messages(path: Path, templates: Path | None = None) -> Messages:
-    """Raw HDFS log -> one ``LogKey`` per (line, block), keyed by session, in line order.
+def log_messages(path: Path, templates: Path | None = None, drain: DrainState | None = None) -> Messages:
+    """Raw HDFS log -> one ``LogKey`` per (line, block), keyed by session, in line order; keys as
+    ``parse_file`` makes them (``drain``: the Drain state of the model that will score them).
 
     No ``--loop``: the serving side orders a session's keys by line number, so a repeat would be
     dropped as duplicates (readings repeat with shifted timestamps instead).
     """
     from fabwatch.stream.logs.parse import parse_file
 
-    rows, _ = parse_file(path, templates)
+    rows, _ = parse_file(path, templates, drain)
     if not rows:
         raise UsageError(f"{Path(path).name}: no HDFS log line names a block")
     values = [orjson.dumps({"session": r.block_id, "ts": r.ts, "key": r.event_id, "line": r.line_id}) for r in rows]
