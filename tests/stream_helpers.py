@@ -16,6 +16,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.kafka.retry import retry_transient
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_FETCH_S = 10.0
@@ -54,7 +55,8 @@ def read_all(settings: Settings, topic: str, *, committed_only: bool = True, idl
         "isolation.level": "read_committed" if committed_only else "read_uncommitted"}))
     md = c.list_topics(topic, timeout=10).topics[topic]
     partitions = sorted(md.partitions)
-    highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    highs = {p: retry_transient(lambda: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1],
+                                f"high watermark of {topic}[{p}]") for p in partitions}
     behind = {p for p in partitions if highs[p] > 0}
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out: list[bytes] = []
