@@ -7,6 +7,8 @@ Layout::
       current            one line: the serving version (write tmp, fsync, rename)
       promotions.jsonl   every promote / rollback, newest last
       decisions.jsonl    the trainer's gate decisions
+      .lock              flock held while ``current`` is read and switched (promote, rollback)
+      .trainer.lock      flock held by the sidecar trainer for a whole retrain
 
 A version directory is built under a temporary name and renamed into place only when complete, so
 a crash never leaves a half-written version visible. Loading re-hashes every file listed in the
@@ -17,6 +19,7 @@ from a ModelEvent on Kafka. No pickle: ONNX, JSON and Keras files only.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,9 +27,10 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
@@ -40,6 +44,10 @@ Task = Literal["classify", "regress", "forecast", "logkeys"]
 
 class RegistryError(RuntimeError):
     """The registry is missing, empty, or a version failed verification."""
+
+
+class PromotionConflict(RegistryError):
+    """``current`` is not the version a compare-and-swap promotion expected (someone promoted or rolled back)."""
 
 
 class Scaler(BaseModel):
@@ -215,23 +223,48 @@ class Registry:
             _fsync_dir(self.root)
             return version
 
-    def promote(self, version: str, action: Literal["promoted", "rolled_back"] = "promoted") -> Manifest:
-        """Verify ``version`` and make it ``current`` atomically."""
-        manifest = self.verify(version)
-        previous = self.current_version()
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the registry's lock (an flock on ``.lock``) while reading and switching ``current``, so a
+        compare-and-swap promotion and an operator's promote or rollback cannot interleave. The kernel drops it
+        when the holder dies: no stale lock. Needs a filesystem with working flock (local, or NFS v4)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+    def promote(self, version: str, action: Literal["promoted", "rolled_back"] = "promoted",
+                expect_current: str | None = None) -> Manifest:
+        """Verify ``version`` and make it ``current`` atomically. ``expect_current``: compare-and-swap, only if
+        ``current`` is still that version (the trainer's serving version at the start of its retrain); else
+        :class:`PromotionConflict` and nothing changes."""
+        manifest = self.verify(version)  # hashing can take seconds: outside the lock
+        with self.locked():
+            previous = self.current_version()
+            if expect_current is not None and previous != expect_current:
+                raise PromotionConflict(f"current is {previous}, not {expect_current}: {version} not promoted")
+            self._switch(version, action, previous)
+        return manifest
+
+    def _switch(self, version: str, action: Literal["promoted", "rolled_back"], previous: str | None) -> None:
+        """Write ``current`` and the promotion record; the caller holds :meth:`locked`."""
         atomic_write_text(self.root / "current", version + "\n")
         _append_jsonl(self.root / "promotions.jsonl", {"ts": time.time(), "action": action, "version": version,
                                                       "previous": previous})
-        return manifest
 
     def rollback(self) -> Manifest:
         """Return to the version that was serving before the current one."""
-        current = self.current_version()
-        history = self.promotion_history()
-        # the latest promotion (not rollback) that made ``current`` serve names what served before it
-        for record in reversed(history):
-            if record["action"] == "promoted" and record["version"] == current and record.get("previous"):
-                return self.promote(record["previous"], action="rolled_back")
+        with self.locked():
+            current = self.current_version()
+            # the latest promotion (not rollback) that made ``current`` serve names what served before it
+            for record in reversed(self.promotion_history()):
+                if record["action"] == "promoted" and record["version"] == current and record.get("previous"):
+                    manifest = self.verify(record["previous"])
+                    self._switch(record["previous"], "rolled_back", current)
+                    return manifest
         raise UsageError(f"nothing to roll back to: {current} has no earlier serving version recorded")
 
     def promotion_history(self) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import fabwatch.export.registry as registry_mod
-from fabwatch.export.registry import Registry, RegistryError
+from fabwatch.export.registry import PromotionConflict, Registry, RegistryError
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.cli.main import app
 from fabwatch.stream.bench.tiny_models import add_version
@@ -105,6 +106,42 @@ def test_registry_cli_list_promote_rollback(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["registry", "promote", "v0042", "--registry", str(tmp_path)])
     assert missing.exit_code != 0 and "no version v0042" in str(missing.exception)
 
+
+
+# ---- promotion as compare-and-swap under the registry lock (issue #16) ---------------------------
+
+def test_promote_compare_and_swap(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    first, second, third = (add_version(tmp_path, promote=False) for _ in range(3))
+    reg.promote(first)
+    reg.promote(second, expect_current=first)      # current is what the caller started from: swapped
+    assert reg.current_version() == second
+    history = reg.promotion_history()
+    with pytest.raises(PromotionConflict, match=f"current is {second}, not {first}"):
+        reg.promote(third, expect_current=first)   # someone promoted meanwhile: nothing changes
+    assert reg.current_version() == second and reg.promotion_history() == history
+    reg.rollback()
+    with pytest.raises(PromotionConflict):
+        reg.promote(third, expect_current=second)  # nor after a rollback
+    assert reg.current_version() == first
+    reg.promote(third)                             # an operator's promote does not compare
+    assert reg.current_version() == third
+
+
+@pytest.mark.parametrize("change", ["promote", "rollback"])
+def test_promote_and_rollback_wait_for_the_registry_lock(tmp_path: Path, change: str) -> None:
+    """Whoever holds the lock reads and switches ``current`` alone: the check of a compare-and-swap and its
+    switch cannot be split by an operator's promote or rollback."""
+    reg = Registry(tmp_path)
+    first, second = add_version(tmp_path), add_version(tmp_path)
+    act = {"promote": lambda: reg.promote(first), "rollback": reg.rollback}[change]
+    other = threading.Thread(target=act)
+    with reg.locked():
+        other.start()
+        other.join(1.0)
+        assert other.is_alive() and reg.current_version() == second  # waiting for the lock
+    other.join(30)
+    assert not other.is_alive() and reg.current_version() == first
 
 # ---- a version name or a manifest must not choose what serves (issue #16) ------------------------
 

@@ -152,7 +152,7 @@ def end_to_end(train_windows: int, val_fraction: float, workdir: Path, epochs: i
                              margin=1.0, seed=seed)
     record = OfflineTrainer(Settings(), options).retrain_once()
     training = registry.manifest(record["candidate"]).metrics["training"]
-    return {"train_windows": training["train_windows"], "val_windows": record["val_windows"], "epochs": epochs,
+    return {"train_windows": training["train_windows"], "val_windows": record["gate_windows"], "epochs": epochs,
             "decision": record["decision"],
             "measured_s": record["duration_s"], "train_seconds": record.get("train_seconds")}
 

@@ -3,8 +3,10 @@
 validation slice, and promote it atomically so running processors hot-reload.
 
 Safety: the registry only ever gains complete versions (stage, commit, rename) and ``current`` is
-switched atomically, so a SIGKILL at any moment leaves the serving model loadable; a lock file keeps
-two trainers from promoting at once (a lock whose process is gone, or that is too old, is stale).
+switched atomically, so a SIGKILL at any moment leaves the serving model loadable. One trainer retrains at
+a time (an flock the kernel drops when its holder dies), and the promotion is a compare-and-swap against the
+version the retrain started from, under the registry lock that `registry promote|rollback` take: an
+operator's rollback during a retrain stands, and the candidate stays registered, not promoted.
 
 Ingest and training never share a poll loop. Training blocks the thread for minutes to hours, and a
 consumer not polled for ``max.poll.interval.ms`` (5 min by default) is put out of its group: its next
@@ -20,6 +22,7 @@ join (seconds) per retrain.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,15 +40,16 @@ import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from fabwatch.export.errors import UsageError
-from fabwatch.export.registry import Registry, sha256_file
+from fabwatch.export.registry import Manifest, PromotionConflict, Registry, sha256_file
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.models.sidecar.store import ReadingStore, StoreStats, StoreWriter
+from fabwatch.models.training import calibrate, data
 from fabwatch.models.training.metrics import average_precision
 from fabwatch.stream.kafka.config import Settings
 
 log = logging.getLogger("fabwatch.trainer")
 
-Decision = Literal["promoted", "rejected", "skipped"]
+Decision = Literal["promoted", "rejected", "skipped", "conflict"]  # conflict: current changed meanwhile
 
 
 def parse_every(text: str) -> float:
@@ -66,52 +70,43 @@ def next_daily(hhmm: str, now: datetime) -> datetime:
 
 
 class TrainerLock:
-    """An exclusive lock file in the registry: ``{"pid", "host", "since"}``, created with O_EXCL."""
+    """An ``fcntl.flock`` on ``<registry>/.trainer.lock``, held for a whole retrain (``retrain_once``).
 
-    def __init__(self, registry_root: Path, stale_after_s: float = 6 * 3600.0):
+    The kernel releases it when the holder's process ends, however it ends, so there is no staleness to guess:
+    a retrain of any length keeps it, and a killed trainer never blocks the next. The file is never deleted
+    (a trainer that deleted it would let a second one lock a new file while the first still holds the old);
+    it records ``{"pid", "host", "since"}`` of the holder, for people.
+    """
+
+    def __init__(self, registry_root: Path):
         self.path = Path(registry_root) / ".trainer.lock"
-        self.stale_after_s = stale_after_s
-        self.held = False
+        self._fd: int | None = None
 
-    def _stale(self) -> bool:
-        try:
-            info = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return True  # unreadable: a writer died mid-write
-        if time.time() - float(info.get("since", 0)) > self.stale_after_s:
-            return True
-        if info.get("host") == socket.gethostname():
-            try:
-                os.kill(int(info["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        return False
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._stale():
-                    log.warning("removing stale trainer lock %s", self.path)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                return False
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
+        """Take the lock without waiting; False when another trainer holds it."""
+        if self._fd is not None:
             return True
-        return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+        self._fd = fd
+        return True
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
     def __enter__(self) -> "TrainerLock":
         if not self.acquire():
@@ -158,40 +153,72 @@ class TrainerMetrics:
                              registry=self.registry)
 
 
-def _windows(table: pa.Table, features: list[str], window: int, val_fraction: float
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw validation windows: the last ``val_fraction`` of each entity's rows (as `train` splits),
-    and the label at each window's end (-1 where unlabelled)."""
-    from numpy.lib.stride_tricks import sliding_window_view
+def hold_out(table: pa.Table, fraction: float) -> tuple[pa.Table, list[tuple[int, int, int]]]:
+    """The rows training may see, and each entity's (start, cut, end): rows from ``cut`` on, each entity's
+    newest ``fraction``, are the gate slice. Training splits what it sees again for early stopping, so the
+    slice that judges the candidate is one its training never looked at."""
+    cuts = data.time_cuts(data.entity_bounds(table.column("entity").to_numpy(zero_copy_only=False)), fraction)
+    seen = np.concatenate([np.arange(s, c) for s, c, _ in cuts]) if cuts else np.zeros(0, np.int64)
+    return table.take(pa.array(seen)), cuts
 
-    ent = table.column("entity").to_numpy(zero_copy_only=False)
+
+QUALITY_WINDOWS = 20_000  # training windows the quality floor's baseline fits on, at most
+
+
+def windows_of(table: pa.Table, features: list[str], window: int, spans: list[tuple[int, int]], stride: int = 1
+               ) -> data.Windows:
+    """Raw windows of each (start, end) row span, every ``stride``-th, labelled by their last step (-1 where
+    unlabelled). Gate windows end in an entity's gate rows; their context may reach back into the rows
+    training saw, as validation windows do."""
     x = np.column_stack([table.column(f).to_numpy(zero_copy_only=False) for f in features]).astype(np.float32)
-    y = table.column("label").to_numpy(zero_copy_only=False).astype(np.int8)
-    starts = np.r_[0, np.flatnonzero(ent[1:] != ent[:-1]) + 1, len(ent)]
-    xs, ys = [], []
-    for s, e in zip(starts[:-1], starts[1:]):
-        c = s + int(round((e - s) * (1 - val_fraction)))
-        if e - c >= window:
-            xs.append(sliding_window_view(x[c:e], window, axis=0).transpose(0, 2, 1))
-            ys.append(y[c + window - 1:e])
-    if not xs:
-        return np.zeros((0, window, len(features)), np.float32), np.zeros(0, np.int8)
-    return np.concatenate(xs), np.concatenate(ys)
+    y = table.column("label").to_numpy(zero_copy_only=False).astype(np.float32)
+    parts = [w for w in (data.windows(x[a:b], y[a:b], window, stride) for a, b in spans) if len(w.x)]
+    if not parts:
+        return data.Windows(np.zeros((0, window, len(features)), np.float32), np.zeros(0, np.float32))
+    return data.Windows(np.concatenate([w.x for w in parts]), np.concatenate([w.y for w in parts]))
 
 
-def gate_metric(model: ScoringModel, windows: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
-    """Higher is better. Labelled classify: PR-AUC; otherwise minus the mean score on windows the
-    model finds normal (forecast error on readings without alerts)."""
-    score = np.concatenate([model.predict(windows[i:i + 1024]).score for i in range(0, len(windows), 1024)])
-    task = model.manifest.task
+def model_scores(model: ScoringModel, windows: np.ndarray) -> np.ndarray:
+    return np.concatenate([model.predict(windows[i:i + 1024]).score for i in range(0, len(windows), 1024)])
+
+
+def gate_metric(task: str, serving_score: np.ndarray, candidate_score: np.ndarray, labels: np.ndarray,
+                alerts: tuple[float, float]) -> tuple[str, float, float]:
+    """The gate's figure for the serving model and the candidate, both on the same windows; higher is better.
+
+    - classify, and forecast when the slice holds labelled events: PR-AUC on the labelled windows;
+    - regress: minus the mean absolute error on the labelled windows (a model predicting small delays
+      earns nothing for it);
+    - otherwise: minus the mean score on the windows neither model alerts on (``alerts``: the serving
+      model's and the candidate's alert thresholds), all windows when there are none.
+    """
     labelled = labels >= 0
-    if task == "classify" and labelled.any() and (labels[labelled] > 0).any():
-        return "pr_auc", float(average_precision(labels[labelled] > 0, score[labelled]))
-    if task == "regress":
-        return "minus_mean_score", -float(np.mean(score))
-    threshold = model.manifest.thresholds.alert if model.manifest.thresholds else np.inf
-    quiet = score < threshold
-    return "minus_forecast_error", -float(np.mean(score[quiet] if quiet.any() else score))
+    events = labels[labelled] > 0
+    if task in ("classify", "forecast") and events.any() and not events.all():
+        return ("pr_auc", float(average_precision(events, serving_score[labelled])),
+                float(average_precision(events, candidate_score[labelled])))
+    if task == "regress" and labelled.any():
+        truth = labels[labelled]
+        return ("minus_mae", -float(np.mean(np.abs(serving_score[labelled] - truth))),
+                -float(np.mean(np.abs(candidate_score[labelled] - truth))))
+    quiet = (serving_score < alerts[0]) & (candidate_score < alerts[1])
+    sample = quiet if quiet.any() else np.ones_like(quiet)
+    return "minus_mean_quiet_score", -float(np.mean(serving_score[sample])), -float(np.mean(candidate_score[sample]))
+
+
+def quality_floor(manifest: Manifest, seen: data.Windows, gate: data.Windows, score: np.ndarray) -> dict:
+    """``calibrate.quality`` of the candidate on the gate slice, its baseline fitted on the rows training saw.
+    The floor is its ``above_chance`` (absent when the slice's labels cannot tell); the baseline comparison is
+    recorded, not enforced: the gate already asks for no worse than the serving model, which may itself trail
+    the baseline on a given slice, and a bar it cannot pass would stop every retrain."""
+    seen_x, gate_x = seen.x, gate.x
+    if manifest.scaler:  # the baselines read standardised windows, as at training
+        seen_x, gate_x = data.apply_scaler(seen_x, manifest.scaler), data.apply_scaler(gate_x, manifest.scaler)
+    delay_alert_min = float(manifest.extra.get("config", {}).get("delay_alert_min", 5.0))
+    supervised = manifest.task in ("classify", "regress")
+    gate_y = gate.y if (gate.y >= 0).all() else None  # forecast: unlabelled readings, quality not checked
+    return calibrate.quality(manifest.task, seen_x, seen.y if supervised else None, gate_x, gate_y, score,
+                             delay_alert_min)
 
 
 class Trainer:
@@ -268,8 +295,6 @@ class Trainer:
         return record
 
     def _retrain(self) -> dict:
-        from fabwatch.models.training.train import TrainConfig, train
-
         opts = self.options
         serving_dir, serving = self.registry.resolve()
         table = self.store.load(opts.recent_days, opts.older_sample, seed=opts.seed)
@@ -282,37 +307,62 @@ class Trainer:
             if not (labels >= 0).any():
                 return {**base, "decision": "skipped", "reason": f"task {serving.task} needs labels; the store has none"}
             table = table.filter(pa.array(labels >= 0))
+        seen, cuts = hold_out(table, opts.val_fraction)
+        features, window = serving.feature_names, serving.window
+        gate = windows_of(table, features, window, [(max(s, c - window + 1), e) for s, c, e in cuts])
+        if not len(gate.x):
+            return {**base, "decision": "skipped",
+                    "reason": f"no entity has a {window}-step window in its newest {opts.val_fraction:.0%}"}
         data_file = self.store.root / f".retrain-{os.getpid()}.parquet"
-        pq.write_table(table.drop_columns([] if supervised else ["label"]), data_file)
+        pq.write_table(seen.drop_columns([] if supervised else ["label"]), data_file)
         try:
             overrides = dict(data=data_file, registry=opts.registry, task=serving.task,
-                             label_col="label" if supervised else None, features=serving.feature_names,
-                             window=serving.window, val_fraction=opts.val_fraction, seed=opts.seed,
+                             label_col="label" if supervised else None, features=features,
+                             window=window, val_fraction=opts.val_fraction, seed=opts.seed,
                              warm_start=opts.warm_start, promote=False, time_budget_s=opts.time_budget_s,
                              size=serving.extra.get("size", "full"))
             if opts.epochs:
                 overrides["epochs"] = opts.epochs
-            cfg = TrainConfig.quick(**overrides) if opts.quick else TrainConfig(**overrides)
             try:
-                result = train(cfg)
+                candidate_version, train_seconds = self.train_candidate(overrides)
             except UsageError as exc:
                 return {**base, "decision": "skipped", "reason": str(exc)}
         finally:
             data_file.unlink(missing_ok=True)
 
-        windows, val_labels = _windows(table, serving.feature_names, serving.window, opts.val_fraction)
-        candidate_dir, candidate = self.registry.resolve(result.version)
-        metric, serving_value = gate_metric(ScoringModel(serving_dir, serving), windows, val_labels)
-        _, candidate_value = gate_metric(ScoringModel(candidate_dir, candidate), windows, val_labels)
-        record = {**base, "candidate": result.version, "metric": metric, "serving_value": serving_value,
-                  "candidate_value": candidate_value, "margin": opts.margin, "val_windows": len(windows),
-                  "train_seconds": round(result.seconds, 1)}
+        candidate_dir, candidate = self.registry.resolve(candidate_version)
+        serving_score = model_scores(ScoringModel(serving_dir, serving), gate.x)
+        candidate_score = model_scores(ScoringModel(candidate_dir, candidate), gate.x)
+        alerts = tuple(m.thresholds.alert if m.thresholds else np.inf for m in (serving, candidate))
+        metric, serving_value, candidate_value = gate_metric(serving.task, serving_score, candidate_score, gate.y,
+                                                             alerts)
+        seen_windows = windows_of(table, features, window, [(s, c) for s, c, _ in cuts],
+                                  stride=max(1, seen.num_rows // QUALITY_WINDOWS))
+        quality = quality_floor(candidate, seen_windows, gate, candidate_score)
+        record = {**base, "candidate": candidate_version, "metric": metric, "serving_value": serving_value,
+                  "candidate_value": candidate_value, "margin": opts.margin, "gate_windows": len(gate.x),
+                  "quality": quality, "train_seconds": round(train_seconds, 1)}
         if candidate_value < serving_value - opts.margin * max(abs(serving_value), 1e-9):
             return {**record, "decision": "rejected",
                     "reason": f"{metric} {candidate_value:.4f} is worse than the serving {serving_value:.4f} by more than {opts.margin:.0%}"}
-        self.registry.promote(result.version)
-        self.publish_event(result.version, candidate_dir)
+        if quality.get("above_chance") is False:
+            return {**record, "decision": "rejected",
+                    "reason": f"below the quality floor: {quality['reason']}"}
+        try:
+            self.registry.promote(candidate_version, expect_current=serving.version)
+        except PromotionConflict as exc:
+            log.warning("%s kept, not promoted: current changed during the retrain (%s)", candidate_version, exc)
+            return {**record, "decision": "conflict", "reason": f"{exc} (an operator's promote or rollback stands)"}
+        self.publish_event(candidate_version, candidate_dir)
         return {**record, "decision": "promoted"}
+
+    def train_candidate(self, overrides: dict) -> tuple[str, float]:
+        """Train and commit (never promote) a candidate on the rows ``_retrain`` wrote: its version and seconds."""
+        from fabwatch.models.training.train import TrainConfig, train
+
+        cfg = TrainConfig.quick(**overrides) if self.options.quick else TrainConfig(**overrides)
+        result = train(cfg)
+        return result.version, result.seconds
 
     def publish_event(self, version: str, version_dir: Path, action: str = "promoted") -> None:
         """Tell running processors (they also watch ``current``, so a lost event only delays the swap)."""

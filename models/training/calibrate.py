@@ -109,7 +109,7 @@ def quality(task: Task, train_x: np.ndarray, train_y: np.ndarray | None, val_x: 
     Baselines: classify, a logistic regression on window mean/std/last; regress, a ridge regression on the same;
     forecast (unsupervised), the largest |z| of the newest reading (a 3-sigma rule). ``ok`` is False when the
     model is no better than chance or clearly below the baseline; ``ok`` is None when validation holds too few
-    labels to tell.
+    labels to tell. ``above_chance`` (the sidecar trainer's floor) is the chance half of ``ok`` alone.
     """
     from sklearn.linear_model import LogisticRegression, Ridge
 
@@ -119,8 +119,10 @@ def quality(task: Task, train_x: np.ndarray, train_y: np.ndarray | None, val_x: 
         base = Ridge().fit(window_features(train_x), train_y).predict(window_features(val_x))
         mae, base_mae = float(np.mean(np.abs(score - val_y))), float(np.mean(np.abs(base - val_y)))
         chance = float(np.mean(np.abs(float(train_y.mean()) - val_y)))
-        ok = mae < chance and mae <= base_mae * (1 + BASELINE_MARGIN)
-        return {"ok": ok, "metric": "mae_min", "model": mae, "baseline": base_mae, "chance": chance,
+        above_chance = mae < chance
+        ok = above_chance and mae <= base_mae * (1 + BASELINE_MARGIN)
+        return {"ok": ok, "above_chance": above_chance, "metric": "mae_min", "model": mae, "baseline": base_mae,
+                "chance": chance,
                 "reason": f"validation MAE {mae:.3g} min against {base_mae:.3g} for a ridge baseline and "
                           f"{chance:.3g} for predicting the mean"}
     positive = positives(task, val_y, delay_alert_min)
@@ -132,8 +134,10 @@ def quality(task: Task, train_x: np.ndarray, train_y: np.ndarray | None, val_x: 
     else:
         base, name = np.abs(val_x[:, -1, :]).max(axis=1), "largest |z| of the newest reading"
     auc, base_auc = float(skm.roc_auc_score(positive, score)), float(skm.roc_auc_score(positive, base))
-    ok = auc > 0.5 + CHANCE_MARGIN and auc >= base_auc - BASELINE_MARGIN
-    verdict = ("no better than chance" if auc <= 0.5 + CHANCE_MARGIN else
+    above_chance = auc > 0.5 + CHANCE_MARGIN
+    ok = above_chance and auc >= base_auc - BASELINE_MARGIN
+    verdict = ("no better than chance" if not above_chance else
                "below the simple baseline" if not ok else "better than chance and the baseline")
-    return {"ok": ok, "metric": "roc_auc", "model": auc, "baseline": base_auc, "baseline_method": name,
+    return {"ok": ok, "above_chance": above_chance, "metric": "roc_auc", "model": auc, "baseline": base_auc,
+            "baseline_method": name,
             "reason": f"validation ROC-AUC {auc:.3f} against {base_auc:.3f} for the baseline ({name}): {verdict}"}

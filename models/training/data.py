@@ -36,8 +36,19 @@ class Table:
 
     def entity_bounds(self) -> list[tuple[int, int]]:
         """(start, end) rows of each entity's contiguous, time-ordered run."""
-        starts = np.r_[0, np.flatnonzero(np.diff(self.entity)) + 1, len(self.x)]
-        return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+        return entity_bounds(self.entity)
+
+
+def entity_bounds(entity: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) rows of each entity's run in rows sorted by entity (codes or names)."""
+    starts = np.r_[0, np.flatnonzero(entity[1:] != entity[:-1]) + 1, len(entity)]
+    return list(zip(starts[:-1].tolist(), starts[1:].tolist()))
+
+
+def time_cuts(bounds: list[tuple[int, int]], fraction: float) -> list[tuple[int, int, int]]:
+    """(start, cut, end) of each entity: rows from ``cut`` on are its newest ``fraction`` (the validation
+    split here, the gate slice the sidecar trainer holds out of training)."""
+    return [(s, s + int(round((e - s) * (1 - fraction))), e) for s, e in bounds]
 
 
 @dataclass
@@ -202,8 +213,7 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
         raise UsageError(f"too few rows: training with {window}-step windows needs at least {min_rows(window)} rows "
                          f"of one entity ({MIN_WINDOWS_OF_ROWS} windows); the longest entity has {longest} "
                          f"(try a shorter --window)")
-    cuts = [(s, s + int(round((e - s) * (1 - val_fraction))), e) for s, e in bounds]
-    cuts = [(s, c, e) for s, c, e in cuts if c - s >= window]  # too short to train on: left out
+    cuts = [(s, c, e) for s, c, e in time_cuts(bounds, val_fraction) if c - s >= window]  # too short to train on: left out
     train_rows = np.concatenate([np.arange(s, c) for s, c, _ in cuts])
     scaler = fit_scaler(table.x[train_rows])
     xs = apply_scaler(table.x, scaler)
