@@ -91,6 +91,7 @@ class Processor(StopOnSignal):
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
         self.metrics.set_model(model.version, model.provider)
+        self.metrics.readiness.set_function(lambda: float(self.ready()))
         self._stop = threading.Event()
         self._pending: ScoringModel | None = None
         self._pending_lock = threading.Lock()
@@ -278,7 +279,7 @@ class Processor(StopOnSignal):
             m.batch_size.observe(size)
             m.inference.observe(seconds)
         for a in result.alerts:
-            m.alerts.labels(kind=a.kind, state=a.state).inc()
+            m.alerts.labels(kind=a.kind, state=a.state, severity=a.severity).inc()
             if a.ingest_to_alert_ms is not None:
                 m.ingest_to_alert.observe(a.ingest_to_alert_ms / 1000.0)
 
