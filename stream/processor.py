@@ -329,6 +329,7 @@ class Processor(StopOnSignal):
         self._assigned -= set(partitions)
         for p in partitions:
             self._next_offset.pop(p, None)
+            self.metrics.lag.remove(str(p))  # the new owner reports it; a frozen copy here would add to the sum
 
     def _restore(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Load committed offsets (+ alert state) and rebuild each key's window from the readings before them."""

@@ -203,6 +203,34 @@ def test_dashboard_and_rules_name_only_what_a_running_processor_and_trainer_expo
         == {"promoted": 0.0, "rejected": 0.0, "skipped": 0.0}
 
 
+@pytest.mark.integration
+def test_a_partition_handed_to_another_instance_leaves_the_lag_gauge(settings, tmp_path: Path):
+    """The dashboard and FabwatchConsumerLagGrowing sum the lag over instances: a partition must be reported by
+    its owner only."""
+    ensure_topics(settings, settings.topics.all(), partitions=2)
+    registry = tmp_path / "registry"
+    make_registry(registry)
+    produce(settings, settings.topics.sensors, readings([f"OHT-{i:03d}" for i in range(4)], 20, seed=4))
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [start_serve(settings, registry, "--metrics-port", "0", "--group", "lag-owners", log_path=logs[0])]
+
+    def lag_partitions(log: Path) -> set[str]:
+        port = int(re.search(r"metrics on port (\d+)", log.read_text()).group(1))
+        values = _samples(_get(f"http://127.0.0.1:{port}/metrics"))
+        return {dict(labels)["partition"] for name, labels in values if name == "fabwatch_consumer_lag"}
+
+    try:
+        wait_for(lambda: log_has(logs[0], "metrics on port") and lag_partitions(logs[0]) == {"0", "1"}, 90,
+                 what="the first instance reporting the lag of both partitions")
+        procs.append(start_serve(settings, registry, "--metrics-port", "0", "--group", "lag-owners", log_path=logs[1]))
+        wait_for(lambda: log_has(logs[1], "metrics on port") and len(lag_partitions(logs[1])) == 1, 90,
+                 what="the second instance reporting the lag of the partition it was given")
+        wait_for(lambda: lag_partitions(logs[0]) == {"0", "1"} - lag_partitions(logs[1]), 30,
+                 what="the first instance reporting only the partition it kept")
+    finally:
+        assert [stop(p) for p in procs] == [0] * len(procs)
+
+
 def test_rules_are_well_formed():
     rules = _rules()
     assert {r["alert"] for r in rules} >= {"FabwatchConsumerLagGrowing", "FabwatchDeadLetterRate",
