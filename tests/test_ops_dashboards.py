@@ -242,9 +242,11 @@ def test_rules_are_well_formed():
         assert rule["annotations"]["summary"] and re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not on PATH (Prometheus' release archives)")
-def test_promtool_checks_the_rules():
-    proc = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not on PATH (Prometheus' release archives ship it)")
+@pytest.mark.parametrize("command", [["check", "rules", str(RULES)],
+                                     ["test", "rules", str(RULES.with_name("rules.test.yaml"))]])
+def test_promtool_checks_and_unit_tests_the_rules(command: list[str]):
+    proc = subprocess.run(["promtool", *command], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
