@@ -26,7 +26,7 @@ class ProcessorMetrics:
         r = self.registry = CollectorRegistry()
         self.consumed = Counter("fabwatch_readings_consumed", "readings polled from the sensor topic", registry=r)
         self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
-        self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state"], registry=r)
+        self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state", "severity"], registry=r)
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
         self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
                                 "the message is skipped, only the log names it", ["reason"], registry=r)
@@ -48,10 +48,15 @@ class ProcessorMetrics:
                                           ["partition"], registry=r)
         self._policy_expired_seen: dict[str, int] = {}
         self._policy_partitions: set[int] = set()
+        # Prometheus cannot scrape /ready, and the rules compare a load with the trainer's last promotion
+        self.readiness = Gauge("fabwatch_ready", "1 while /ready answers 200", registry=r)
+        self.model_loaded = Gauge("fabwatch_model_loaded_timestamp_seconds", "when the serving model was loaded "
+                                  "(start or hot reload)", registry=r)
 
     def set_model(self, version: str, provider: str) -> None:
         self.model.clear()
         self.model.labels(version=version, provider=provider).set(1)
+        self.model_loaded.set_to_current_time()
 
     def observe_policy(self, counters: PolicyCounters) -> None:
         """Bring in the alert policy's own counters (the policy runs offline too); called at each commit."""

@@ -114,6 +114,7 @@ class Processor(StopOnSignal):
         self.metrics.set_model(model.version, model.provider)
         max_poll_s = float(settings.kafka_options.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS)) / 1000
         self.liveness = Liveness(config.liveness_timeout_s or max(60.0, 2 * max_poll_s))
+        self.metrics.readiness.set_function(lambda: float(self.ready()))
         self._stop = threading.Event()
         self._pending: ScoringModel | None = None
         self._pending_lock = threading.Lock()
@@ -314,7 +315,7 @@ class Processor(StopOnSignal):
             m.batch_size.observe(size)
             m.inference.observe(seconds)
         for a in result.alerts:
-            m.alerts.labels(kind=a.kind, state=a.state).inc()
+            m.alerts.labels(kind=a.kind, state=a.state, severity=a.severity).inc()
             if a.ingest_to_alert_ms is not None:
                 m.ingest_to_alert.observe(a.ingest_to_alert_ms / 1000.0)
 
@@ -371,6 +372,7 @@ class Processor(StopOnSignal):
         self._assigned -= set(partitions)
         for p in partitions:
             self._next_offset.pop(p, None)
+            self.metrics.lag.remove(str(p))  # the new owner reports it; a frozen copy here would add to the sum
 
     def _restore(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
         """Load committed offsets (+ alert state) and rebuild each key's window from the readings before them."""

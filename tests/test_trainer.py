@@ -71,10 +71,14 @@ def test_retrain_promotes_and_the_running_processor_switches(settings: Settings,
         trainer = _trainer(settings, registry, tmp_path, margin=1.0)  # any candidate passes: this test is the path
         try:
             assert trainer.ingest() == ENTITIES * STEPS
+            retrain_started = time.time()
             record = trainer.retrain_once()
         finally:
             trainer.close()
         assert record["decision"] == "promoted", record
+        # the rule FabwatchModelNotReloaded compares each processor's model load with this
+        promoted_at = trainer.metrics.registry.get_sample_value("fabwatch_trainer_last_promotion_timestamp_seconds")
+        assert retrain_started <= promoted_at <= time.time()
         serving_version = record["serving"]
         assert Registry(registry).current_version() == record["candidate"] == Registry(registry).versions()[-1]
         history = [json.loads(line) for line in (registry / "decisions.jsonl").read_text().splitlines()]
@@ -113,6 +117,7 @@ def test_candidate_trained_on_shuffled_labels_is_rejected(settings: Settings, se
     finally:
         trainer.close()
     assert record["decision"] == "rejected", record
+    assert trainer.metrics.registry.get_sample_value("fabwatch_trainer_last_promotion_timestamp_seconds") == 0
     assert record["candidate_value"] < record["serving_value"]
     assert Registry(registry).current_version() == record["serving"]
     assert record["candidate"] in Registry(registry).versions()  # kept for inspection, not serving

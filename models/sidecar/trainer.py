@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -149,8 +149,14 @@ class TrainerMetrics:
         self.duration = Gauge("fabwatch_trainer_last_retrain_duration_seconds", "duration of the last retrain",
                               registry=self.registry)
         self.decisions = Counter("fabwatch_trainer_decisions", "gate decisions", ["decision"], registry=self.registry)
+        for decision in get_args(Decision):  # every series from the start: increase() misses a series' first sample
+            self.decisions.labels(decision)
         self.serving = Gauge("fabwatch_trainer_serving_version", "serving version number (v0007 -> 7)",
                              registry=self.registry)
+        self.last_promotion = Gauge("fabwatch_trainer_last_promotion_timestamp_seconds", "when the trainer last "
+                                    "promoted a version (processors should load one after it)", registry=self.registry)
+        self.next_retrain = Gauge("fabwatch_trainer_next_retrain_timestamp_seconds", "when the next scheduled "
+                                  "retrain is due", registry=self.registry)
 
 
 def hold_out(table: pa.Table, fraction: float) -> tuple[pa.Table, list[tuple[int, int, int]]]:
@@ -288,6 +294,8 @@ class Trainer:
         self.metrics.decisions.labels(record["decision"]).inc()
         self.metrics.last_retrain.set(time.time())
         self.metrics.duration.set(record["duration_s"])
+        if record["decision"] == "promoted":
+            self.metrics.last_promotion.set_to_current_time()
         serving = self.registry.current_version()
         if serving:
             self.metrics.serving.set(int(serving.lstrip("v")))
@@ -391,12 +399,14 @@ class Trainer:
             return
         next_at = due_after(datetime.now(timezone.utc))
         log.info("next retrain at %s", next_at.isoformat(timespec="seconds"))
+        self.metrics.next_retrain.set(next_at.timestamp())
         while not stop():
             self._open_writer().poll_once(1.0)
             if datetime.now(timezone.utc) >= next_at:
                 self.retrain_once()
                 next_at = due_after(datetime.now(timezone.utc))
                 log.info("next retrain at %s", next_at.isoformat(timespec="seconds"))
+                self.metrics.next_retrain.set(next_at.timestamp())
 
     def close(self) -> None:
         self._close_writer()
