@@ -68,7 +68,8 @@ def test_retrain_promotes_and_the_running_processor_switches(settings: Settings,
         wait_for(lambda: any(orjson.loads(a)["model_version"] == before
                              for a in read_all(settings, settings.topics.alerts, idle_s=1.0)),
                  timeout_s=120, what="alerts from the serving version")
-        trainer = _trainer(settings, registry, tmp_path, margin=1.0)  # any candidate passes: this test is the path
+        # any candidate passes: this test is the path
+        trainer = _trainer(settings, registry, tmp_path, margin=1.0, quality_floor=False)
         try:
             assert trainer.ingest() == ENTITIES * STEPS
             retrain_started = time.time()
@@ -128,7 +129,8 @@ def test_sigkill_during_training_leaves_the_registry_serving(settings: Settings,
     ensure_topics(settings, [settings.topics.sensors])
     produce(settings, settings.topics.sensors, _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=7)))
     args = [sys.executable, "-m", "fabwatch.stream.cli.main", "trainer", "--registry", str(registry), "--store",
-            str(tmp_path / "store"), "--once", "--quick", "--epochs", "1", "--margin", "1.0", "--json"]
+            str(tmp_path / "store"), "--once", "--quick", "--epochs", "1", "--margin", "1.0", "--no-quality-floor",
+            "--json"]
     log = tmp_path / "trainer.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, env=serve_env(settings), stdout=out, stderr=subprocess.STDOUT)
@@ -160,7 +162,7 @@ def test_sigkill_during_promotion_leaves_the_registry_consistent(settings: Setti
     readings = _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=8))
     produce(settings, settings.topics.sensors, readings)
     args = ["trainer", "--registry", str(registry), "--store", str(store), "--once", "--quick", "--epochs", "1",
-            "--margin", "1.0", "--json"]
+            "--margin", "1.0", "--no-quality-floor", "--json"]
     helper = Path(__file__).with_name("kill_at_promotion.py")
     env = serve_env(settings) | {"PYTHONPATH": str(Path(__file__).parents[1])}
 
@@ -226,7 +228,7 @@ def test_a_retrain_longer_than_the_poll_interval_keeps_the_group_and_the_store_w
     short_poll = settings.model_copy(update={"kafka_options": {"max.poll.interval.ms": str(MAX_POLL_S * 1000),
                                                                "session.timeout.ms": "6000"}})
     decisions = registry / "decisions.jsonl"
-    trainer = _trainer(short_poll, registry, tmp_path, margin=1.0)
+    trainer = _trainer(short_poll, registry, tmp_path, margin=1.0, quality_floor=False)
     try:
         trainer.run(every_s=10, stop=lambda: decisions.exists() and len(decisions.read_text().splitlines()) >= 2)
     finally:

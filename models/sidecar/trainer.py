@@ -129,6 +129,7 @@ class TrainerOptions:
     older_sample: int = 200_000
     val_fraction: float = 0.2
     margin: float = 0.02
+    quality_floor: bool = True  # reject a candidate no better than chance on the gate slice
     time_budget_s: float | None = None
     epochs: int | None = None
     quick: bool = False
@@ -353,7 +354,7 @@ class Trainer:
         if candidate_value < serving_value - opts.margin * max(abs(serving_value), 1e-9):
             return {**record, "decision": "rejected",
                     "reason": f"{metric} {candidate_value:.4f} is worse than the serving {serving_value:.4f} by more than {opts.margin:.0%}"}
-        if quality.get("above_chance") is False:
+        if opts.quality_floor and quality.get("above_chance") is False:
             return {**record, "decision": "rejected",
                     "reason": f"below the quality floor: {quality['reason']}"}
         try:

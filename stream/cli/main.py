@@ -248,6 +248,8 @@ def trainer_cmd(
     once: Annotated[bool, typer.Option("--once", help="ingest what is there, retrain now, exit")] = False,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="stop training after DURATION")] = None,
     margin: Annotated[float, typer.Option(min=0, help="promote unless worse than serving by this fraction")] = 0.02,
+    quality_floor: Annotated[bool, typer.Option(help="reject a candidate no better than chance on the gate slice, "
+                                                 "whatever --margin says")] = True,
     recent_days: Annotated[int, typer.Option(min=1, help="days of recent readings to train on")] = 7,
     older_sample: Annotated[int, typer.Option(min=0, help="reservoir sample of older readings")] = 200_000,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="override the training epochs")] = None,
@@ -268,7 +270,7 @@ def trainer_cmd(
         raise UsageError("choose one schedule: --every DURATION, --daily HH:MM or --once")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = TrainerOptions(registry=registry, store=store, recent_days=recent_days, older_sample=older_sample,
-                             margin=margin, time_budget_s=parse_every(time_budget) if time_budget else None,
+                             margin=margin, quality_floor=quality_floor, time_budget_s=parse_every(time_budget) if time_budget else None,
                              epochs=epochs, quick=quick, warm_start=not cold_start)
     trainer = Trainer(settings_for(bootstrap), options)
     if metrics_port is not None:
