@@ -51,7 +51,7 @@ from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.decode import BatchDecoder, DecodedColumns
 from fabwatch.stream.engine import EngineResult, ScoringEngine
-from fabwatch.stream.kafka.lifecycle import StopOnSignal
+from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST, Liveness, MetricsServer, ProcessorMetrics
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
@@ -203,14 +203,8 @@ class Processor(StopOnSignal):
     def _handle(self, msgs: list[Message]) -> None:
         good: list[Message] = []
         for m in msgs:
-            err = m.error()
-            if err is None:
-                if m.partition() in self._assigned:
-                    good.append(m)
-            elif err.fatal():
-                raise KafkaException(err)
-            elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", err)
+            if has_data(m, log) and m.partition() in self._assigned:
+                good.append(m)
         if not good:
             return
         n = len(good)

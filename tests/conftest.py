@@ -71,6 +71,25 @@ def settings(kafka_bootstrap: str, tmp_path: Path):
     return Settings(bootstrap=kafka_bootstrap, home=tmp_path / "home", topics=topics)
 
 
+@pytest.fixture
+def topics(settings):
+    """``settings`` with every fabwatch topic created, ``PARTITIONS`` (stream_helpers) partitions each."""
+    from fabwatch.stream.kafka.topics import ensure_topics
+    from stream_helpers import PARTITIONS
+
+    ensure_topics(settings, settings.topics.all(), partitions=PARTITIONS)
+    return settings
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    """A registry holding one tiny ONNX model (``onnx_fixtures.make_registry``), promoted."""
+    from onnx_fixtures import make_registry
+
+    make_registry(tmp_path / "registry")
+    return tmp_path / "registry"
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """One quick tiny ensemble trained on synthetic fab data, shared by every test that needs a real

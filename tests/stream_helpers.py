@@ -20,6 +20,7 @@ from fabwatch.stream.kafka.retry import retry_transient
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_FETCH_S = 10.0
+PARTITIONS = 3  # of each topic that the ``topics`` fixture creates
 STARTED: list[subprocess.Popen] = []  # every ``fabwatch serve`` a test started
 
 

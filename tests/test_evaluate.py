@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_fixtures import feature_names, make_registry, readings
+from onnx_fixtures import feature_names, readings
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.decode import BatchDecoder
 from fabwatch.stream.engine import ScoringEngine
@@ -39,12 +39,6 @@ def _write_csv(path: Path, entities: list[str], steps: int, spikes=SPIKES, bad_r
         if bad_rows:
             w.writerow(["E01", "not-a-time", 1, 2, 3, 4, 0])
     return path
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Path:
-    make_registry(tmp_path / "registry")
-    return tmp_path / "registry"
 
 
 def test_offline_alerts_predictions_and_metrics(registry: Path, tmp_path: Path):

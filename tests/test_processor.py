@@ -23,25 +23,12 @@ from fabwatch.stream.decode import BatchDecoder
 from fabwatch.stream.engine import ScoringEngine, run_offline
 from fabwatch.stream.processor import Processor, ProcessorConfig
 from fabwatch.stream.schemas import ModelEvent
-from fabwatch.stream.kafka.topics import ensure_topics
-from onnx_fixtures import add_version, make_registry, readings
-from stream_helpers import committed_offsets, log_has, produce, read_all, start_serve, stop, wait_for
+from onnx_fixtures import add_version, readings
+from stream_helpers import (PARTITIONS, committed_offsets, log_has, produce, read_all, start_serve, stop,
+                            wait_for)
 
 pytestmark = pytest.mark.integration
 ENTITIES = [f"OHT-{i:03d}" for i in range(20)]
-PARTITIONS = 3
-
-
-@pytest.fixture
-def topics(settings):
-    ensure_topics(settings, settings.topics.all(), partitions=PARTITIONS)
-    return settings
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Path:
-    make_registry(tmp_path / "registry")
-    return tmp_path / "registry"
 
 
 def reference_ids(registry: Path, records: list[dict]) -> set[str]:

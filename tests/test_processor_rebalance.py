@@ -8,33 +8,18 @@ import re
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 import fabwatch.stream.processor as processor_module
-from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.processor import Processor, ProcessorConfig
 from onnx_fixtures import make_registry, readings
-from stream_helpers import committed_offsets, log_has, produce, read_all, start_serve, stop, wait_for
-from test_processor import reference_ids
+from stream_helpers import (PARTITIONS, committed_offsets, log_has, produce, read_all, start_serve, stop,
+                            wait_for)
+from test_processor import ENTITIES, reference_ids
 
 pytestmark = pytest.mark.integration
-ENTITIES = [f"OHT-{i:03d}" for i in range(20)]
-PARTITIONS = 3
-
-
-@pytest.fixture
-def topics(settings):
-    ensure_topics(settings, settings.topics.all(), partitions=PARTITIONS)
-    return settings
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Path:
-    make_registry(tmp_path / "registry")
-    return tmp_path / "registry"
 
 
 class AbortFirstCommit(Producer):

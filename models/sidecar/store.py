@@ -19,9 +19,10 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import Consumer
 
 from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.kafka.lifecycle import has_data
 from fabwatch.stream.schemas import ReadingDecoder, Rejected
 
 log = logging.getLogger("fabwatch.store")
@@ -171,9 +172,7 @@ class StoreWriter:
     def poll_once(self, timeout: float = 1.0) -> int:
         """Consume what is available; flush when the buffer is full or old enough. Returns rows buffered."""
         for msg in self.consumer.consume(10_000, timeout=timeout):
-            if msg.error() is not None:
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", msg.error())
+            if not has_data(msg, log):
                 continue
             try:
                 reading, vec = self.decoder.decode(msg.value(), broker_ms=msg.timestamp()[1])

@@ -32,12 +32,12 @@ from typing import Literal
 
 import orjson
 import requests
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaException, Message, Producer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from urllib3.util.retry import Retry
 
 from fabwatch.stream.kafka.config import Settings
-from fabwatch.stream.kafka.lifecycle import StopOnSignal
+from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
 from fabwatch.stream.kafka.outputs import DeadLetters
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.schemas import Alert, Rejected, RejectReason, decode_alert
@@ -158,16 +158,8 @@ class Forwarder(StopOnSignal):
         try:
             while not self._stop.is_set():
                 m = self.consumer.poll(0.5)
-                if m is None:
-                    continue
-                err = m.error()
-                if err is not None:
-                    if err.fatal():
-                        raise KafkaException(err)
-                    if err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", err)
-                    continue
-                self._handle(m)
+                if m is not None and has_data(m, log):
+                    self._handle(m)
         finally:
             self.consumer.close()
             self.producer.flush(10)

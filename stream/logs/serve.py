@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.kafka.config import Settings
-from fabwatch.stream.kafka.lifecycle import StopOnSignal
+from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
 from fabwatch.stream.logs.score import UNK, LogKeyScorer, next_key_ranks
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
@@ -244,12 +244,7 @@ class LogServer(StopOnSignal):
         sources: list[SourceOffset] = []
         ingest: list[float] = []
         for m in msgs:
-            err = m.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
+            if not has_data(m, log):
                 continue
             self._next_offset[m.partition()] = m.offset() + 1
             source = SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset())
