@@ -6,7 +6,7 @@ Delivery
     transaction holding its outputs and its offsets (``send_offsets_to_transaction`` with the
     consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
     the assignment rewound to the committed offsets; a call that fails retriably (the broker down or
-    restarting) is made again, so an outage only pauses the loop.
+    restarting) is made again within the transaction timeout, so a short outage only pauses the loop.
     Dead letters never hold a batch back: one that cannot be produced even without its payload is
     counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
@@ -265,19 +265,22 @@ class Processor(StopOnSignal):
             self._rewind()
 
     def _retry_transactional(self, call: Callable[..., None], *args: object) -> None:
-        """A transactional producer call, made again while it fails with a retriable error: a broker that is
-        down or restarting (timeout, COORDINATOR_LOAD_IN_PROGRESS) must not stop the processor, and the
-        transaction API allows the same call again (librdkafka keeps the transaction's state). Other errors
-        propagate: abortable ones to the abort, fatal ones out. A stop request ends the retries (the
-        transaction is not committed; a restart redoes the batch)."""
+        """A transactional producer call, made again while it fails with a retriable error (the broker down or
+        restarting: a timeout, COORDINATOR_LOAD_IN_PROGRESS) and the transaction could still commit: past
+        ``transaction_timeout_ms`` the coordinator aborts it anyway, and a producer whose calls still time out
+        may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
+        propagates and the processor exits for its restart to redo the batch. Abortable errors propagate to
+        the abort, fatal ones out; a stop request ends the retries too."""
+        deadline = time.monotonic() + self.config.transaction_timeout_ms / 1000
         while True:
             try:
                 call(*args)
                 return
             except KafkaException as exc:
-                if not exc.args[0].retriable() or self._stop.is_set():
+                if not exc.args[0].retriable() or self._stop.is_set() or time.monotonic() >= deadline:
                     raise
                 log.warning("%s failed (%s): retrying", call.__name__, exc.args[0])
+                time.sleep(0.5)  # a coordinator that is loading answers at once: do not spin
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget in-memory state and resume from the committed offsets."""
