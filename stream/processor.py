@@ -5,7 +5,8 @@ Delivery
     the batch's offsets are committed. exactly-once (``exactly_once=True``): each batch is one
     transaction holding its outputs and its offsets (``send_offsets_to_transaction`` with the
     consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
-    the assignment rewound to the committed offsets.
+    the assignment rewound to the committed offsets; a call that fails retriably (the broker down or
+    restarting) is made again within the transaction timeout, so a short outage only pauses the loop.
     Dead letters never hold a batch back: one that cannot be produced even without its payload is
     counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
@@ -40,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import orjson
@@ -278,15 +279,34 @@ class Processor(StopOnSignal):
         try:
             p.begin_transaction()
             self._produce_outputs(msgs, cols, result)
-            p.send_offsets_to_transaction(self._offsets(), self.consumer.consumer_group_metadata(), 30)
-            p.commit_transaction(30)
+            self._retry_transactional(p.send_offsets_to_transaction, self._offsets(),
+                                      self.consumer.consumer_group_metadata(), 30)
+            self._retry_transactional(p.commit_transaction, 30)
         except KafkaException as exc:
             err = exc.args[0]
             if not err.txn_requires_abort():
                 raise
             log.warning("transaction aborted (%s): rewinding to the committed offsets", err)
-            p.abort_transaction(30)
+            self._retry_transactional(p.abort_transaction, 30)
             self._rewind()
+
+    def _retry_transactional(self, call: Callable[..., None], *args: object) -> None:
+        """A transactional producer call, made again while it fails with a retriable error (the broker down or
+        restarting: a timeout, COORDINATOR_LOAD_IN_PROGRESS) and the transaction could still commit: past
+        ``transaction_timeout_ms`` the coordinator aborts it anyway, and a producer whose calls still time out
+        may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
+        propagates and the processor exits for its restart to redo the batch. Abortable errors propagate to
+        the abort, fatal ones out; a stop request ends the retries too."""
+        deadline = time.monotonic() + self.config.transaction_timeout_ms / 1000
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or self._stop.is_set() or time.monotonic() >= deadline:
+                    raise
+                log.warning("%s failed (%s): retrying", call.__name__, exc.args[0])
+                time.sleep(0.5)  # a coordinator that is loading answers at once: do not spin
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget in-memory state and resume from the committed offsets.

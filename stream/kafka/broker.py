@@ -3,6 +3,8 @@
 No Docker and no Kafka tarball needed: ``stream/kafka/recipe/pom.xml`` (package data) pulls the broker from Maven Central
 once into a cache, ``server.properties`` is rendered with free ports, and the pid and ports are
 recorded under ``<home>/kafka/state.json`` so ``up`` is idempotent and ``down`` leaves nothing behind.
+``up(keep_data=True)`` restarts the broker that ran there before as itself (same ports, same data), the way a
+real broker comes back after an outage.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class LocalBroker:
         self.home = Path(home).resolve()
         self.dir = self.home / "kafka"
         self.state_file = self.dir / "state.json"
+        self.last_start_file = self.dir / "last_start.json"  # kept by ``down``: where ``up(keep_data=True)`` restarts
         self.recipe_dir = Path(recipe_dir)
         pom = self.recipe_dir / "pom.xml"
         digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12] if pom.exists() else "missing"
@@ -143,8 +146,12 @@ class LocalBroker:
         self.state_file.unlink(missing_ok=True)
         return None
 
-    def up(self, timeout: float = 90.0) -> tuple[BrokerState, bool]:
-        """Start the broker unless one is running. Returns (state, started_now)."""
+    def up(self, timeout: float = 90.0, keep_data: bool = False) -> tuple[BrokerState, bool]:
+        """Start the broker unless one is running. Returns (state, started_now).
+
+        Each start gets fresh storage on new free ports (the local broker is for development and tests, not
+        durability), unless ``keep_data``: then the broker that last ran here comes back on its ports with its
+        data (topics, committed offsets, transactions), so clients reconnect as after a real broker's outage."""
         state = self.running_state()
         if state is not None:
             return state, False
@@ -154,11 +161,14 @@ class LocalBroker:
         libs = self.ensure_jars()
         self.dir.mkdir(parents=True, exist_ok=True)
         data_dir = self.dir / "data"
-        # Fresh storage each start: the local broker is for development and tests, not durability.
-        shutil.rmtree(data_dir, ignore_errors=True)
-        broker_port, controller_port = _free_port(), _free_port()
-        while controller_port == broker_port:
-            controller_port = _free_port()
+        last = self._last_start() if keep_data and (data_dir / "meta.properties").exists() else None
+        if last is not None:
+            broker_port, controller_port = last.broker_port, last.controller_port
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            broker_port, controller_port = _free_port(), _free_port()
+            while controller_port == broker_port:
+                controller_port = _free_port()
         template = string.Template((self.recipe_dir / "server.properties").read_text())
         config = self.dir / "server.properties"
         config.write_text(template.substitute(broker_port=broker_port, controller_port=controller_port, log_dir=data_dir))
@@ -169,10 +179,11 @@ class LocalBroker:
             f"-Dfabwatch.log.file={log_file}",
             "-cp", f"{libs}/*",
         ]
-        fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id(), "-c", str(config)],
-                             capture_output=True, text=True)
-        if fmt.returncode != 0:
-            raise RuntimeError(f"formatting Kafka storage failed: {(fmt.stdout + fmt.stderr).strip()[-500:]}")
+        if last is None:
+            fmt = subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id(), "-c", str(config)],
+                                 capture_output=True, text=True)
+            if fmt.returncode != 0:
+                raise RuntimeError(f"formatting Kafka storage failed: {(fmt.stdout + fmt.stderr).strip()[-500:]}")
         stdout = open(self.dir / "stdout.log", "ab")
         proc = subprocess.Popen(jvm + ["kafka.Kafka", str(config)], stdout=stdout, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -184,10 +195,17 @@ class LocalBroker:
         except BaseException:
             self._stop_pid(proc.pid, 10.0)
             raise
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state)))
-        tmp.replace(self.state_file)
+        for record in (self.state_file, self.last_start_file):
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(state)))
+            tmp.replace(record)
         return state, True
+
+    def _last_start(self) -> BrokerState | None:
+        try:
+            return BrokerState(**json.loads(self.last_start_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
 
     def _wait_ready(self, state: BrokerState, proc: subprocess.Popen, timeout: float) -> None:
         deadline = time.monotonic() + timeout
