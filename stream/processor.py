@@ -279,34 +279,25 @@ class Processor(StopOnSignal):
         try:
             p.begin_transaction()
             self._produce_outputs(msgs, cols, result)
-            self._retry_transactional(p.send_offsets_to_transaction, self._offsets(),
-                                      self.consumer.consumer_group_metadata(), 30)
-            self._retry_transactional(p.commit_transaction, 30)
+            offsets, group = self._offsets(), self.consumer.consumer_group_metadata()
+            self._in_transaction(lambda: p.send_offsets_to_transaction(offsets, group, 30), "sending offsets")
+            self._in_transaction(lambda: p.commit_transaction(30), "committing the transaction")
         except KafkaException as exc:
             err = exc.args[0]
             if not err.txn_requires_abort():
                 raise
             log.warning("transaction aborted (%s): rewinding to the committed offsets", err)
-            self._retry_transactional(p.abort_transaction, 30)
+            self._in_transaction(lambda: p.abort_transaction(30), "aborting the transaction")
             self._rewind()
 
-    def _retry_transactional(self, call: Callable[..., None], *args: object) -> None:
-        """A transactional producer call, made again while it fails with a retriable error (the broker down or
-        restarting: a timeout, COORDINATOR_LOAD_IN_PROGRESS) and the transaction could still commit: past
-        ``transaction_timeout_ms`` the coordinator aborts it anyway, and a producer whose calls still time out
-        may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
-        propagates and the processor exits for its restart to redo the batch. Abortable errors propagate to
-        the abort, fatal ones out; a stop request ends the retries too."""
-        deadline = time.monotonic() + self.config.transaction_timeout_ms / 1000
-        while True:
-            try:
-                call(*args)
-                return
-            except KafkaException as exc:
-                if not exc.args[0].retriable() or self._stop.is_set() or time.monotonic() >= deadline:
-                    raise
-                log.warning("%s failed (%s): retrying", call.__name__, exc.args[0])
-                time.sleep(0.5)  # a coordinator that is loading answers at once: do not spin
+    def _in_transaction(self, call: Callable[[], None], what: str) -> None:
+        """A transactional call, made again while the broker is down or restarting, until the transaction
+        timeout: past it the coordinator aborts the transaction anyway, and a producer whose calls still time
+        out may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
+        propagates and the processor exits for its restart to redo the batch. Abortable errors go to the
+        abort, fatal ones out; a stop request ends the retries."""
+        retry_transient(call, what, within_s=self.config.transaction_timeout_ms / 1000, first_wait_s=0.5,
+                        max_wait_s=0.5, stop=self._stop)
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget in-memory state and resume from the committed offsets.

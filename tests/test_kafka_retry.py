@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
@@ -39,3 +42,25 @@ def test_a_transient_error_that_outlasts_the_limit_is_raised() -> None:
     with pytest.raises(KafkaException):
         retry_transient(call, "test", within_s=0.1, first_wait_s=0.02)
     assert 2 <= len(calls) < 10
+
+
+def test_an_error_that_asks_to_abort_the_transaction_is_raised_at_once_even_if_retriable() -> None:
+    calls = []
+
+    def call() -> None:
+        calls.append(1)
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True, txn_requires_abort=True))
+
+    with pytest.raises(KafkaException):
+        retry_transient(call, "test", first_wait_s=0.01)
+    assert len(calls) == 1
+
+
+def test_a_stop_request_ends_the_retries() -> None:
+    stop = threading.Event()
+    call, calls = failing([KafkaError.COORDINATOR_LOAD_IN_PROGRESS] * 100)
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(KafkaException):
+        retry_transient(call, "test", within_s=30, first_wait_s=0.05, max_wait_s=0.05, stop=stop)
+    assert time.monotonic() - started < 5 and len(calls) < 20

@@ -1,10 +1,11 @@
-"""Broker calls made outside the consume loop (committed offsets, watermarks on assignment) retried
-through the broker's passing states: a leader moving, a coordinator loading, a request timing out. Left to
-raise, such an answer inside the assignment callback would stop the processor over nothing lasting."""
+"""Broker calls retried through the broker's passing states: a leader moving, a coordinator loading, the
+broker restarting, a request timing out. Left to raise, such an answer (to a committed-offsets read inside
+the assignment callback, or to a transactional call) would stop the processor over nothing lasting."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -22,20 +23,30 @@ TRANSIENT_CODES = frozenset({
 
 
 def is_transient(err: KafkaError) -> bool:
+    """Worth the same call again. Never a fatal error, nor one that asks to abort the transaction: the caller
+    must handle those."""
+    if err.fatal() or err.txn_requires_abort():
+        return False
     return err.retriable() or err.code() in TRANSIENT_CODES
 
 
-def retry_transient(call: Callable[[], T], what: str, within_s: float = 60.0, first_wait_s: float = 0.2) -> T:
-    """``call()``, retried with doubling waits (at most 5 s) while it fails with a transient broker error
-    and ``within_s`` has not passed; any other error, or one still there after ``within_s``, is raised."""
+def retry_transient(call: Callable[[], T], what: str, within_s: float = 60.0, first_wait_s: float = 0.2,
+                    max_wait_s: float = 5.0, stop: threading.Event | None = None) -> T:
+    """``call()``, made again after doubling waits (``first_wait_s`` up to ``max_wait_s``) while it fails with a
+    transient broker error, ``within_s`` has not passed and ``stop`` is not set; any other error, or one that
+    outlasts those, is raised."""
     deadline, wait = time.monotonic() + within_s, first_wait_s
     while True:
         try:
             return call()
         except KafkaException as exc:
             err = exc.args[0]
-            if not isinstance(err, KafkaError) or not is_transient(err) or time.monotonic() + wait > deadline:
+            if not isinstance(err, KafkaError) or not is_transient(err) or time.monotonic() + wait > deadline \
+                    or (stop is not None and stop.is_set()):
                 raise
             log.warning("%s: %s; retrying in %.1f s", what, err, wait)
-            time.sleep(wait)
-            wait = min(wait * 2, 5.0)
+            if stop is not None:
+                stop.wait(wait)
+            else:
+                time.sleep(wait)
+            wait = min(wait * 2, max_wait_s)
