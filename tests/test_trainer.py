@@ -205,9 +205,11 @@ def test_a_retrain_longer_than_the_poll_interval_keeps_the_group_and_the_store_w
     what arrived meanwhile, the store holds each reading once, and closing commits without error."""
     registry = _copy(serving, tmp_path)
     ensure_topics(settings, [settings.topics.sensors, settings.topics.models])
-    before = _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=9))
+    # events often enough that each entity's training rows hold some once the gate slice is held out
+    before = _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=9, anomaly_rate=0.2))
     shift = STEPS * synth.STEP_MS
-    during = [{**r, "ts": r["ts"] + shift} for r in _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=10))]
+    during = [{**r, "ts": r["ts"] + shift}
+              for r in _readings(synth.generate(entities=ENTITIES, steps=STEPS, seed=10, anomaly_rate=0.2))]
     produce(settings, settings.topics.sensors, before)
 
     from fabwatch.models.training import train as train_module
