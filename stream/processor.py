@@ -24,8 +24,8 @@ State across restarts and rebalances
     the same alert ids, as an uninterrupted one.
 
 Hot reload
-    A watcher thread (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer and
-    ModelEvents on the models topic from the version loaded at start-up on; it builds the new session
+    A watcher thread (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer (a ModelEvent
+    on the models topic only makes it look at once) from the version loaded at start-up on; it builds the new session
     beside the serving one, retries a failed load with backoff, and the loop swaps it in between batches.
 
 Liveness

@@ -1,6 +1,10 @@
-"""The model watcher: a thread that follows the registry's ``current`` pointer and the ModelEvents of the
-models topic, and has the version they name loaded beside the serving model (the processor's loop swaps
-it in between batches).
+"""The model watcher: a thread that follows the registry's ``current`` pointer and has the version it names
+loaded beside the serving model (the processor's loop swaps it in between batches).
+
+- ``current`` alone chooses what serves. A ModelEvent on the models topic is a hint to re-read it at once
+  (instead of at the next turn), and the sha256 it announces is checked when it names the version
+  ``current`` names; an event naming any other version is logged and ignored, so no message can put a
+  version the registry did not promote (one the trainer's gate rejected, say) into service.
 
 - It starts from the version the processor loaded, not from ``current`` as the thread first reads it: a
   promotion made while the processor was starting is loaded on the first turn.
@@ -107,16 +111,15 @@ class ModelWatcher:
         self.liveness.forget(WATCHER)  # a planned end, not a death
 
     def turn(self, events: ModelEventFeed | None) -> None:
-        """Re-read ``current``, wait up to ``interval_s`` for events, then load the wanted version if due."""
-        pointer = self.registry.current_version()
-        if pointer is not None and pointer != self._pointer:
-            self._pointer = pointer
-            self._want((pointer, None))
+        """Re-read ``current``, wait up to ``interval_s`` for events (any event: re-read it at once), then load
+        the wanted version if due."""
+        self._follow(self.registry.current_version(), [])
         if events is None:
             self.stop.wait(self.interval_s)
         else:
-            for announced in events.poll(self.interval_s):
-                self._want(announced)
+            announced = events.poll(self.interval_s)
+            if announced:
+                self._follow(self.registry.current_version(), announced)
         if self._wanted is None or self._wanted[0] == self.serving or time.monotonic() < self._retry_at:
             return
         version, sha256 = self._wanted
@@ -131,6 +134,19 @@ class ModelWatcher:
                       version, self._failures, self.serving, wait_s, exc)
             return
         self.serving = version
+
+    def _follow(self, pointer: str | None, announced: list[Wanted]) -> None:
+        """Want what ``current`` names, with the sha256 of an event that announced that very version."""
+        for version, _ in announced:
+            if version != pointer:
+                log.warning("model event names %s but current is %s: ignored (only the registry's current "
+                            "serves)", version, pointer)
+        if pointer is None:
+            return
+        sha256 = next((sha for version, sha in reversed(announced) if version == pointer), None)
+        if pointer != self._pointer or sha256 is not None:
+            self._pointer = pointer
+            self._want((pointer, sha256))
 
     def _want(self, wanted: Wanted) -> None:
         """A new target is tried at once; the same one again keeps its backoff."""

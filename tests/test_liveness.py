@@ -178,3 +178,41 @@ def test_the_trainers_metrics_bind_where_asked() -> None:
     assert host == "127.0.0.1"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         assert b"fabwatch_trainer_store_rows" in resp.read()
+
+
+class Announcements:
+    """A stand-in for the models topic (``ModelEventFeed``): hands out the versions ``say`` queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[str, str | None]] = []
+
+    def say(self, version: str, sha256: str | None) -> None:
+        self.queued.append((version, sha256))
+
+    def poll(self, timeout_s: float) -> list[tuple[str, str | None]]:
+        time.sleep(timeout_s)
+        out, self.queued = self.queued, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_model_event_for_a_version_current_does_not_name_is_ignored(tmp_path: Path, caplog) -> None:
+    registry = make_registry(tmp_path / "reg")
+    serving = registry.current_version()
+    rejected = add_version(registry.root, promote=False)  # registered, never promoted (the gate said no)
+    feed = Announcements()
+    watcher, loaded, stop = _watcher(registry, serving, open_events=lambda: feed)
+    caplog.set_level("WARNING", logger="fabwatch.watcher")
+    watcher.start()
+    try:
+        feed.say(rejected, registry.manifest(rejected).files["model.onnx"])
+        wait_for(lambda: "ignored" in caplog.text, 10, what="the event ignored")
+        time.sleep(0.3)
+        assert loaded == []  # the announcement alone put nothing into service
+        promoted = add_version(registry.root)  # a promotion in the registry does
+        feed.say(promoted, registry.manifest(promoted).files["model.onnx"])
+        wait_for(lambda: loaded == [promoted], 10, what=f"{promoted} loaded")
+    finally:
+        stop.set()

@@ -179,11 +179,19 @@ def test_hot_reload_mid_stream(topics, registry, tmp_path) -> None:
         (registry / bad / "model.onnx").write_bytes(b"tampered")
         atomic_write_text(registry / "current", bad + "\n")
         wait_for(lambda: log_has(log, f"hot reload of {bad} failed"), 30, what="failed reload logged")
-        event_version = add_version(registry, promote=False, weights=(0.7, 0.3))  # announced by a ModelEvent only
-        event = ModelEvent(version=event_version, action="promoted", ts=0,
-                           sha256=Registry(registry).manifest(event_version).files["model.onnx"])
-        produce(topics, topics.topics.models, [event.model_dump_json().encode()])
-        wait_for(lambda: log_has(log, f"hot reload: v0002 -> {event_version}"), 30, what="reload on a ModelEvent")
+        def announce(version: str) -> None:
+            event = ModelEvent(version=version, action="promoted", ts=0,
+                               sha256=Registry(registry).manifest(version).files["model.onnx"])
+            produce(topics, topics.topics.models, [event.model_dump_json().encode()])
+
+        rejected = add_version(registry, promote=False, weights=(0.9, 0.1))  # a candidate the gate turned down
+        announce(rejected)  # a message alone cannot put it into service
+        wait_for(lambda: log_has(log, f"model event names {rejected} but current is {bad}: ignored"), 30,
+                 what="a model event for an unpromoted version ignored")
+        event_version = add_version(registry, promote=False, weights=(0.7, 0.3))
+        atomic_write_text(registry / "current", event_version + "\n")  # promoted, then announced
+        announce(event_version)
+        wait_for(lambda: log_has(log, f"hot reload: v0002 -> {event_version}"), 30, what="reload of the promoted version")
         produce(topics, topics.topics.sensors, second)
         scores = alerts_of(read_all(topics, topics.topics.scores, expect=4 * 301, timeout_s=60))
         alerts = alerts_of(read_all(topics, topics.topics.alerts, idle_s=1.0))
@@ -194,7 +202,7 @@ def test_hot_reload_mid_stream(topics, registry, tmp_path) -> None:
     assert {s["model_version"] for s in scores if s["window_end_ts"] <= first[-1]["ts"]} == {"v0001"}
     versions = {a["entity"]: a["model_version"] for a in alerts if a["state"] == "open"}
     assert versions == {"OHT-001": "v0001", "OHT-002": event_version}
-    assert Registry(registry).current_version() == bad  # the tampered one is current, yet it never served
+    assert not log_has(log, f"-> {rejected}") and not log_has(log, f"-> {bad}")  # neither ever served
 
 
 def test_a_promotion_made_while_the_processor_starts_is_served(topics, registry) -> None:
