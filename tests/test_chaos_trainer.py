@@ -52,22 +52,23 @@ def _training(control: Path) -> list[Path]:
 
 
 @pytest.fixture
-def topics(settings: Settings) -> Settings:
+def produced(settings: Settings) -> Settings:
+    """``settings`` with sensor and models topics, and 300 steps of readings already on the sensor topic."""
     ensure_topics(settings, [settings.topics.sensors, settings.topics.models], partitions=3)
     produce(settings, settings.topics.sensors, readings(ENTITIES, 300, seed=3))
     return settings
 
 
 @pytest.mark.timeout(480)
-def test_two_trainers_racing_exactly_one_retrains_however_long_it_takes(topics: Settings, tmp_path: Path) -> None:
+def test_two_trainers_racing_exactly_one_retrains_however_long_it_takes(produced: Settings, tmp_path: Path) -> None:
     """The second trainer starts while the first has been retraining for 7 h by its clock (retrains are
     projected at 11-21 h): it must not take the lock over. Once the first ends, the lock is free at once."""
     reg = _registry(tmp_path / "registry", 1)
     control = tmp_path / "control"
     control.mkdir()
-    first = _start(topics, reg.root, tmp_path, "first")
+    first = _start(produced, reg.root, tmp_path, "first")
     wait_for(lambda: _training(control) or first.poll() is not None, timeout_s=120, what="the first retrain")
-    second = _start(topics, reg.root, tmp_path, "second", "--no-ingest", env={"HELD_TRAINER_HOURS_LATER": "7"})
+    second = _start(produced, reg.root, tmp_path, "second", "--no-ingest", env={"HELD_TRAINER_HOURS_LATER": "7"})
     try:
         wait_for(lambda: second.poll() is not None or len(_training(control)) > 1, timeout_s=120,
                  what="the second trainer to give up or take the lock")
@@ -79,13 +80,13 @@ def test_two_trainers_racing_exactly_one_retrains_however_long_it_takes(topics: 
     assert early["decision"] == "promoted", early
     assert reg.current_version() == early["candidate"] == reg.versions()[-1]
 
-    third = _start(topics, reg.root, tmp_path, "third", "--no-ingest")  # the first has exited: no stale lock
+    third = _start(produced, reg.root, tmp_path, "third", "--no-ingest")  # the first has exited: no stale lock
     after = _record(third, tmp_path, "third")
     assert after["decision"] == "promoted" and after["serving"] == early["candidate"], after
 
 
 @pytest.mark.timeout(480)
-def test_rollback_during_a_retrain_stands(topics: Settings, tmp_path: Path) -> None:
+def test_rollback_during_a_retrain_stands(produced: Settings, tmp_path: Path) -> None:
     """An operator rolls back while a retrain runs: at its end ``current`` is what the operator set, the
     candidate is registered but not promoted, the decision says why, and no "promoted" event goes out."""
     reg = _registry(tmp_path / "registry", 2)
@@ -93,7 +94,7 @@ def test_rollback_during_a_retrain_stands(topics: Settings, tmp_path: Path) -> N
     assert reg.current_version() == serving
     control = tmp_path / "control"
     control.mkdir()
-    trainer = _start(topics, reg.root, tmp_path, "trainer")
+    trainer = _start(produced, reg.root, tmp_path, "trainer")
     wait_for(lambda: _training(control) or trainer.poll() is not None, timeout_s=120, what="the retrain")
     try:
         rollback = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "registry", "rollback",
@@ -109,5 +110,5 @@ def test_rollback_during_a_retrain_stands(topics: Settings, tmp_path: Path) -> N
     assert record["candidate"] in reg.versions()             # kept for inspection, not serving
     decisions = [json.loads(line) for line in (reg.root / "decisions.jsonl").read_text().splitlines()]
     assert decisions[-1]["decision"] == "conflict"
-    events = [orjson.loads(m) for m in read_all(topics, topics.topics.models, idle_s=2.0)]
+    events = [orjson.loads(m) for m in read_all(produced, produced.topics.models, idle_s=2.0)]
     assert not [e for e in events if e["action"] == "promoted"], events
