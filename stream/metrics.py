@@ -1,4 +1,5 @@
-"""Prometheus metrics of the processor and a tiny HTTP server: ``/metrics``, ``/ready``, ``/healthz``."""
+"""Prometheus metrics of the serving loops (sensor processor, log server) and a tiny HTTP server:
+``/metrics``, ``/ready``, ``/healthz``."""
 
 from __future__ import annotations
 
@@ -19,35 +20,14 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_METRICS_HOST = "0.0.0.0"
 
 
-class ProcessorMetrics:
-    """One registry per processor, so tests can run several in one process."""
+class ServingMetrics:
+    """What every model-serving loop reports (the model watcher and the HTTP server need no more). One
+    registry per instance, so tests can run several in one process."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.consumed = Counter("fabwatch_readings_consumed", "readings polled from the sensor topic", registry=r)
-        self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
-        self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state", "severity"], registry=r)
-        self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
-        self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
-                                "the message is skipped, only the log names it", ["reason"], registry=r)
-        self.duplicates = Counter("fabwatch_duplicates", "identical re-sends dropped (same entity, timestamp and values)", registry=r)
-        self.evicted = Counter("fabwatch_keys_evicted", "keys evicted from the window store", ["why"], registry=r)
         self.reloads = Counter("fabwatch_model_reloads", "model hot reloads", ["result"], registry=r)
-        self.batch_size = Histogram("fabwatch_batch_size", "windows per model call", buckets=_BATCH_BUCKETS, registry=r)
-        self.inference = Histogram("fabwatch_inference_seconds", "model call latency", buckets=_LATENCY_BUCKETS,
-                                   registry=r)
-        self.ingest_to_alert = Histogram("fabwatch_ingest_to_alert_seconds", "reading produced -> alert produced",
-                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.lag = Gauge("fabwatch_consumer_lag", "messages behind the high watermark", ["partition"], registry=r)
-        self.live_keys = Gauge("fabwatch_live_keys", "keys with a window in memory", registry=r)
         self.model = Gauge("fabwatch_model_info", "serving model version (value 1)", ["version", "provider"], registry=r)
-        self.policy_expired = Counter("fabwatch_policy_expired", "alert states dropped after the key TTL of silence "
-                                      "(open: an open alert that gets no close)", ["state"], registry=r)
-        self.policy_state_dropped = Gauge("fabwatch_policy_state_dropped", "non-quiet keys of the partition left out "
-                                          "of its last committed alert state (over the offset metadata limit)",
-                                          ["partition"], registry=r)
-        self._policy_expired_seen: dict[str, int] = {}
-        self._policy_partitions: set[int] = set()
         # Prometheus cannot scrape /ready, and the rules compare a load with the trainer's last promotion
         self.readiness = Gauge("fabwatch_ready", "1 while /ready answers 200", registry=r)
         self.model_loaded = Gauge("fabwatch_model_loaded_timestamp_seconds", "when the serving model was loaded "
@@ -57,6 +37,36 @@ class ProcessorMetrics:
         self.model.clear()
         self.model.labels(version=version, provider=provider).set(1)
         self.model_loaded.set_to_current_time()
+
+
+class ProcessorMetrics(ServingMetrics):
+    """The sensor processor's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.lag = Gauge("fabwatch_consumer_lag", "messages behind the high watermark", ["partition"], registry=r)
+        self.consumed = Counter("fabwatch_readings_consumed", "readings polled from the sensor topic", registry=r)
+        self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
+        self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state", "severity"], registry=r)
+        self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
+        self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
+                                "the message is skipped, only the log names it", ["reason"], registry=r)
+        self.duplicates = Counter("fabwatch_duplicates", "identical re-sends dropped (same entity, timestamp and values)", registry=r)
+        self.evicted = Counter("fabwatch_keys_evicted", "keys evicted from the window store", ["why"], registry=r)
+        self.batch_size = Histogram("fabwatch_batch_size", "windows per model call", buckets=_BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("fabwatch_inference_seconds", "model call latency", buckets=_LATENCY_BUCKETS,
+                                   registry=r)
+        self.ingest_to_alert = Histogram("fabwatch_ingest_to_alert_seconds", "reading produced -> alert produced",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.live_keys = Gauge("fabwatch_live_keys", "keys with a window in memory", registry=r)
+        self.policy_expired = Counter("fabwatch_policy_expired", "alert states dropped after the key TTL of silence "
+                                      "(open: an open alert that gets no close)", ["state"], registry=r)
+        self.policy_state_dropped = Gauge("fabwatch_policy_state_dropped", "non-quiet keys of the partition left out "
+                                          "of its last committed alert state (over the offset metadata limit)",
+                                          ["partition"], registry=r)
+        self._policy_expired_seen: dict[str, int] = {}
+        self._policy_partitions: set[int] = set()
 
     def observe_policy(self, counters: PolicyCounters) -> None:
         """Bring in the alert policy's own counters (the policy runs offline too); called at each commit."""
@@ -68,6 +78,24 @@ class ProcessorMetrics:
         for partition, n in counters.dropped.items():
             self.policy_state_dropped.labels(partition=str(partition)).set(n)
         self._policy_partitions = set(counters.dropped)
+
+
+class LogServeMetrics(ServingMetrics):
+    """``fabwatch logs serve``'s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.consumed = Counter("fabwatch_logkeys_consumed", "log keys polled from the log-key topic", registry=r)
+        self.scored = Counter("fabwatch_log_windows_scored", "windows (h keys -> next key) checked", registry=r)
+        self.alerts = Counter("fabwatch_log_alerts", "log alerts produced", ["reason", "severity"], registry=r)
+        self.dlq = Counter("fabwatch_log_dlq", "log-key messages dead-lettered", ["reason"], registry=r)
+        self.dlq_lost = Counter("fabwatch_log_dlq_lost", "dead letters not produced even without their payload",
+                                ["reason"], registry=r)
+        self.sessions_open = Gauge("fabwatch_log_sessions_open", "sessions held in memory", registry=r)
+        self.sessions_closed = Counter("fabwatch_log_sessions_closed", "sessions closed", ["why"], registry=r)
+        self.sessions_rebuilt = Counter("fabwatch_log_sessions_rebuilt", "open sessions rebuilt from the "
+                                        "partitions' history on assignment", registry=r)
 
 
 class Liveness:
@@ -107,7 +135,7 @@ class MetricsServer:
     """Serves the metrics registry, a readiness probe and a liveness probe on a daemon thread.
     ``health`` returns why the process is not alive (``/healthz`` answers 503 with it), or None."""
 
-    def __init__(self, metrics: ProcessorMetrics, ready: Callable[[], bool], port: int, host: str = DEFAULT_METRICS_HOST,
+    def __init__(self, metrics: ServingMetrics, ready: Callable[[], bool], port: int, host: str = DEFAULT_METRICS_HOST,
                  health: Callable[[], str | None] = lambda: None):
         registry = metrics.registry
 

@@ -45,13 +45,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
 
 from fabwatch.export.registry import Registry
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.decode import BatchDecoder, DecodedColumns
 from fabwatch.stream.engine import EngineResult, ScoringEngine
+from fabwatch.stream.kafka.history import read_back
 from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST, Liveness, MetricsServer, ProcessorMetrics
 from fabwatch.stream.policy import PolicyConfig
@@ -393,63 +394,31 @@ class Processor(StopOnSignal):
         return committed
 
     def _rebuild(self, partition: int, end: int) -> None:
-        """Re-read backwards ``rebuild_chunk`` messages at a time until every key seen has ``window - 1``
-        readings before ``end``, the partition's history is exhausted, or the message cap or the time limit
-        is hit (a sparse key must not hold the assignment); then fill the windows oldest chunk first, one
-        bounded ``append`` per chunk."""
+        """Re-read backwards (``read_back``) until every key seen has ``window - 1`` readings before ``end``;
+        then fill the windows oldest chunk first, one bounded ``append`` per chunk."""
         cfg = self.config
         need = self.engine.windows.window - 1
-        tp = TopicPartition(self.topics.sensors, partition)
-        low, _ = retry_transient(lambda: self.rebuilder.get_watermark_offsets(tp, timeout=10),
-                                 f"reading the offsets of partition {partition}")
-        deadline = time.monotonic() + cfg.rebuild_timeout_s
-        chunks: list[DecodedColumns] = []  # newest first
+        decoded: list[DecodedColumns] = []  # newest first
         counts: dict[str, int] = {}
-        hi, limit = end, None
-        while hi > low:
-            if end - hi >= cfg.rebuild_max_messages:
-                limit = f"the {cfg.rebuild_max_messages}-message cap"
-                break
-            lo = max(low, hi - cfg.rebuild_chunk)
-            msgs = self._read_range(partition, lo, hi, deadline)
-            if msgs is None:
-                limit = f"the {cfg.rebuild_timeout_s:g} s time limit"
-                break
+
+        def enough(msgs: list[Message]) -> bool:
             cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
-            chunks.append(cols)
+            decoded.append(cols)
             new_keys = False
             for k in cols.keys:
                 new_keys |= k not in counts
                 counts[k] = counts.get(k, 0) + 1
-            if not new_keys and all(c >= need for c in counts.values()):
-                break
-            hi = lo
-        for cols in reversed(chunks):
+            return not new_keys and all(c >= need for c in counts.values())
+
+        history = read_back(self.rebuilder, self.topics.sensors, partition, end, cfg.rebuild_chunk,
+                            cfg.rebuild_max_messages, cfg.rebuild_timeout_s, enough)
+        for cols in reversed(decoded):
             self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
         short = sorted(k for k, c in counts.items() if c < need)
-        if limit is not None and short:
+        if history.limit is not None and short:
             log.warning("partition %d: rebuild stopped at %s, re-read offsets [%d, %d); %d keys hold fewer than %d "
-                        "readings and score only once live readings fill them: %s%s", partition, limit, hi, end,
-                        len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
-
-    def _read_range(self, partition: int, lo: int, hi: int, deadline: float) -> list[Message] | None:
-        """Messages with offsets in [lo, hi) of one partition (the rebuild consumer never commits); None when
-        ``deadline`` (monotonic) passes first."""
-        self.rebuilder.assign([TopicPartition(self.topics.sensors, partition, lo)])
-        out: list[Message] = []
-        complete = False
-        while not complete and time.monotonic() < deadline:
-            # asking for exactly what is left returns as soon as it is there (offset gaps: the timeout)
-            batch = self.rebuilder.consume(max(1, min(10_000, hi - lo - len(out))), 0.5)
-            for m in batch:
-                if m.error() is None and m.offset() < hi:
-                    out.append(m)
-            last = batch[-1] if batch else None
-            complete = (last is not None and ((last.error() is None and last.offset() >= hi - 1) or (
-                last.error() is not None and last.error().code() == KafkaError._PARTITION_EOF))) or \
-                self.rebuilder.position([TopicPartition(self.topics.sensors, partition)])[0].offset >= hi
-        self.rebuilder.unassign()
-        return out if complete else None
+                        "readings and score only once live readings fill them: %s%s", partition, history.limit,
+                        history.start, end, len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
     # ---- hot reload -------------------------------------------------------------------------
     def _swap_if_pending(self) -> None:

@@ -1,5 +1,5 @@
 """The model watcher: a thread that follows the registry's ``current`` pointer and has the version it names
-loaded beside the serving model (the processor's loop swaps it in between batches).
+loaded beside the serving model (the processor's and the log server's loops swap it in between batches).
 
 - ``current`` alone chooses what serves. A ModelEvent on the models topic is a hint to re-read it at once
   (instead of at the next turn), and the sha256 it announces is checked when it names the version
@@ -30,7 +30,8 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from fabwatch.export.registry import Registry
 from fabwatch.stream.kafka.config import Settings
-from fabwatch.stream.metrics import Liveness, ProcessorMetrics
+from fabwatch.stream.kafka.lifecycle import has_data
+from fabwatch.stream.metrics import Liveness, ServingMetrics
 from fabwatch.stream.schemas import Rejected, decode_model_event
 
 log = logging.getLogger("fabwatch.watcher")
@@ -58,13 +59,14 @@ class ModelEventFeed:
         """Wait up to ``timeout_s``; the versions announced meanwhile, oldest first."""
         announced: list[Wanted] = []
         for m in self.consumer.consume(100, timeout_s):
-            if m.error() is None:
-                try:
-                    event = decode_model_event(m.value())
-                except Rejected as exc:
-                    log.warning("ignoring a model event (%s)", exc)
-                    continue
-                announced.append((event.version, event.sha256))
+            if not has_data(m, log):  # a consumer error is logged there; the pointer still triggers reloads
+                continue
+            try:
+                event = decode_model_event(m.value())
+            except Rejected as exc:
+                log.warning("ignoring a model event (%s)", exc)
+                continue
+            announced.append((event.version, event.sha256))
         return announced
 
     def close(self) -> None:
@@ -76,7 +78,7 @@ class ModelWatcher:
     beside the serving one and raises when it cannot serve."""
 
     def __init__(self, registry: Registry, serving: str, load: Callable[[str, str | None], None],
-                 metrics: ProcessorMetrics, liveness: Liveness, stop: threading.Event, *,
+                 metrics: ServingMetrics, liveness: Liveness, stop: threading.Event, *,
                  open_events: Callable[[], ModelEventFeed] | None = None, interval_s: float = 2.0,
                  retry_min_s: float = 2.0, retry_max_s: float = 300.0):
         self.registry, self.load, self.metrics, self.liveness, self.stop = registry, load, metrics, liveness, stop

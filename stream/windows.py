@@ -173,6 +173,12 @@ class WindowStore:
             if slot is not None:
                 self._release(slot)
 
+    def remap(self, table: np.ndarray, feature: int = 0) -> None:
+        """Replace every held value ``v`` of ``feature`` by ``table[int(v)]`` (the log server re-encodes the key
+        ids it holds when a new model brings another vocabulary)."""
+        held = self._values[:, :, feature]
+        self._values[:, :, feature] = np.asarray(table, np.float32)[held.astype(np.int64)]
+
     def evict_idle(self, now: float | None = None) -> int:
         """Release keys not seen for ``ttl_s`` seconds; returns how many."""
         if self.ttl_s is None or not self._slot:

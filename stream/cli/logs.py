@@ -16,7 +16,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, RegistryOpt, dataset_dir, emit, settings_for
+from fabwatch.stream.cli.options import (BootstrapOpt, JsonFlag, MetricsHostOpt, RegistryOpt, dataset_dir, emit,
+                                         settings_for)
+from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 
 
 TopGOpt = Annotated[Optional[int], typer.Option("--top-g", help="override the manifest's top-g")]
@@ -171,8 +173,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               max_wait_ms: Annotated[int, typer.Option(min=0, help="longest wait to fill a poll")] = 50,
               max_sessions: Annotated[int, typer.Option(min=1, help="open sessions kept; beyond it the least "
                                                         "recently active close early")] = 1_000_000,
+              metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics, /ready and /healthz "
+                                                                  "on this port")] = None,
+              metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
+              liveness_timeout_s: Annotated[Optional[float], typer.Option(
+                  min=1, help="/healthz fails after this long without a turn of the consume loop or the model "
+                  "watcher (default: twice max.poll.interval.ms, at least 60)")] = None,
+              rebuild_chunk: Annotated[int, typer.Option(min=1, help="log keys re-read per step when rebuilding "
+                                                         "open sessions after an assignment")] = 20_000,
+              rebuild_max_messages: Annotated[int, typer.Option(min=1, help="most log keys re-read per partition "
+                                                                "to rebuild open sessions")] = 2_000_000,
+              rebuild_timeout_s: Annotated[float, typer.Option(min=0, help="longest session rebuild per partition; "
+                                                               "sessions still short are logged")] = 30.0,
               log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
-        """Score the log-key stream with the registry's current logkeys model and produce `log` alerts."""
+        """Score the log-key stream with the registry's current logkeys model and produce `log` alerts (open
+        sessions rebuilt on assignment, hot reload of `current`)."""
         import logging
 
         from fabwatch.stream.logs.serve import LogServeConfig, LogServer
@@ -182,7 +197,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if not registry.is_dir():
             raise UsageError(f"no model registry at {registry}")
         config = LogServeConfig(registry=registry, group_id=group, idle_timeout_s=idle_timeout_s,
-                                max_batch=max_batch, max_wait_ms=max_wait_ms, max_sessions=max_sessions, top_g=top_g)
+                                max_batch=max_batch, max_wait_ms=max_wait_ms, max_sessions=max_sessions, top_g=top_g,
+                                metrics_port=metrics_port, metrics_host=metrics_host,
+                                liveness_timeout_s=liveness_timeout_s, rebuild_chunk=rebuild_chunk,
+                                rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s)
         server = LogServer(settings_for(bootstrap), config)
         server.install_signal_handlers()
         server.run()

@@ -146,11 +146,12 @@ class LogKeyScorer:
 
     @classmethod
     def from_registry(cls, registry: Path | str, version: str | None = None, providers: Sequence[str] | None = None,
-                      top_g: int | None = None) -> "LogKeyScorer":
+                      top_g: int | None = None, sha256: str | None = None) -> "LogKeyScorer":
+        """``version`` (default: ``current``), its files verified (and ``model.onnx`` against ``sha256`` if given)."""
         from fabwatch.export.registry import Registry
         from fabwatch.export.runtime import create_session
 
-        vdir, manifest = Registry(registry).resolve(version)
+        vdir, manifest = Registry(registry).resolve(version, sha256)
         if manifest.task != "logkeys":
             raise UsageError(f"registry {registry} version {manifest.version} is a {manifest.task!r} model, not logkeys")
         return cls(create_session(vdir / "model.onnx", providers), manifest, top_g=top_g)

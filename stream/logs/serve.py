@@ -15,7 +15,8 @@ Alerts (kind ``log``, key = session):
   past the last), ``threshold`` is g, ``detail`` names the key, the top-g expected and the window.
   The id hashes (session, line, model version): lines, not timestamps, are unique in a session.
 - ``short_session``: when a session closes (idle for ``idle_timeout_s``, or closed early to make
-  room for new sessions) with fewer than h + 1 keys, DeepLog's length rule; ``score`` is its length,
+  room for new sessions) with fewer than h + 1 keys, DeepLog's length rule (``LogSessions._on_close``, the
+  one place where session-close rules go); ``score`` is its length,
   ``threshold`` h + 1. Its id hashes (session, last line, model version, "short_session").
 ``window_start_ts`` is the session's first key, ``window_end_ts`` the alerted key (or the last one).
 A key whose event time lies outside ``Settings.event_time_bounds`` goes to the DLQ as ``clock_skew``,
@@ -27,8 +28,39 @@ meant in training; a key the model never saw (``unmatched`` included) is ``unkno
 
 Delivery: at-least-once. A poll's alerts (and the alerts of sessions that closed meanwhile) are
 produced and flushed before the poll's offsets are committed; SIGTERM finishes the poll in hand,
-commits and exits 0. Open sessions are not carried across a restart or a rebalance (their partitions'
-sessions are dropped, without alerts): a session cut by one is scored afresh from its next key.
+commits and exits 0.
+
+Open sessions across restarts and rebalances: on assignment each partition is re-read backwards from its
+committed offset (``fabwatch.stream.kafka.history``, as the sensor processor rebuilds its windows) until
+every session seen there has h + 1 keys and a chunk brings no new session, the partition's start, the
+``rebuild_max_messages`` cap or ``rebuild_timeout_s``; the keys are replayed into ``LogSessions`` oldest
+first without scoring (``warm``). Keys at and past the committed offset are then scored exactly as in an
+uninterrupted run: each window holds the session's h previous keys, so key alerts carry the same ids, and
+none is lost (a poll is committed only once its alerts are flushed).
+Idle closing stays wall-clock (``idle_timeout_s`` of processing time without a key: a live stream's sessions
+end when their keys stop, which no later message can tell). What a restart cannot know is which of the
+sessions seen before the committed offset an uninterrupted run had already closed by then, so every one of
+them is rebuilt open and its idle clock starts at the rebuild. The choice errs towards duplicates, never
+losses: a short session whose ``short_session`` alert was already out gets it again when it closes (same
+id), and a session that resumes after an idle close continues its windows, as ``logs evaluate`` (which
+knows no idle timeout) scores it. Sessions whose start lies before a capped re-read keep their last h keys
+(windows exact) and count only the keys re-read (at least h + 1, so the length rule is decided right); only
+``window_start_ts`` is then later than the session's true first key. The log names partitions whose re-read
+stopped at a limit with sessions still short of h + 1 keys (those could be scored as short or as starting
+afresh).
+
+Hot reload: a ``ModelWatcher`` (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer, a
+ModelEvent only making it look at once; the new version is built beside the serving one and swapped in
+between polls. It must have the same h (the windows' length); the key ids held are re-encoded into its
+vocabulary (a key the old model did not know stays unknown in windows formed before the swap). Alerts carry
+the version that scored them (it is part of their ids).
+
+Metrics and probes (``metrics_port``): ``fabwatch_logkeys_consumed``, ``fabwatch_log_windows_scored``,
+``fabwatch_log_alerts{reason,severity}``, ``fabwatch_log_dlq{reason}``, ``fabwatch_log_sessions_open``,
+``fabwatch_log_sessions_closed{why}``, ``fabwatch_log_sessions_rebuilt`` and the serving metrics shared with
+the processor (``fabwatch_model_info``, ``fabwatch_model_reloads``, ``fabwatch_ready``); ``/ready`` once
+partitions were assigned, ``/healthz`` 503 when the consume loop or the model watcher stalls
+(``fabwatch.stream.metrics.Liveness``).
 """
 
 from __future__ import annotations
@@ -46,15 +78,23 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from fabwatch.export.errors import UsageError
+from fabwatch.export.registry import Registry
 from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.kafka.history import read_back
 from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
-from fabwatch.stream.logs.score import UNK, LogKeyScorer, next_key_ranks
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
-from fabwatch.stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
+from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.logs.score import PAD, UNK, LogKeyScorer, next_key_ranks
+from fabwatch.stream.metrics import DEFAULT_METRICS_HOST, Liveness, LogServeMetrics, MetricsServer
+from fabwatch.stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
+from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
 from fabwatch.stream.windows import OK, WindowStore
 
 log = logging.getLogger("fabwatch.logserve")
+
+CONSUME_LOOP = "consume loop"  # its name in Liveness and in /healthz's answer
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000  # librdkafka's max.poll.interval.ms default
 
 
 @dataclass
@@ -67,6 +107,14 @@ class LogServeConfig:
     max_wait_ms: int = 50
     max_sessions: int = 1_000_000
     top_g: int | None = None
+    metrics_port: int | None = None
+    metrics_host: str = DEFAULT_METRICS_HOST
+    liveness_timeout_s: float | None = None  # None: twice max.poll.interval.ms, at least 60 s (as the processor)
+    reload_interval_s: float = 2.0
+    reload_retry_max_s: float = 300.0
+    rebuild_chunk: int = 20_000
+    rebuild_max_messages: int = 2_000_000
+    rebuild_timeout_s: float = 30.0  # per partition
 
 
 @dataclass
@@ -91,10 +139,21 @@ class LogSessions:
         self.windows = WindowStore(self.h + 1, 1, stride=1, max_keys=max_sessions, ttl_s=None)
         self.sessions: OrderedDict[str, _Session] = OrderedDict()  # least recently active first
         self._pads = np.arange(self.h, dtype=np.int64)  # store order: pads 0..h-1, then h + line
+        self.scored = 0  # windows checked
+        self.closed: dict[str, int] = {"idle": 0, "room": 0}  # sessions closed, by why
 
     def process(self, msgs: Sequence[LogKey], sources: Sequence[SourceOffset | None], now: float | None = None,
                 ingest_ms: np.ndarray | None = None, clock_ms: float | None = None) -> list[Alert]:
         """Append a batch of keys (arrival order), score every window it closes; alerts for the misses."""
+        return self._append(msgs, sources, now, score=True, ingest_ms=ingest_ms, clock_ms=clock_ms)
+
+    def warm(self, msgs: Sequence[LogKey], sources: Sequence[SourceOffset | None], now: float | None = None) -> None:
+        """Append keys already scored before the committed offset (a rebuild): sessions and windows as an
+        uninterrupted run holds them, no alerts."""
+        self._append(msgs, sources, now, score=False)
+
+    def _append(self, msgs: Sequence[LogKey], sources: Sequence[SourceOffset | None], now: float | None, score: bool,
+                ingest_ms: np.ndarray | None = None, clock_ms: float | None = None) -> list[Alert]:
         now = time.monotonic() if now is None else now
         names = [m.session for m in msgs]
         batch = dict.fromkeys(names)
@@ -107,7 +166,7 @@ class LogSessions:
         ids = self.scorer.vocab.encode([m.key for m in msgs])
         partitions = np.fromiter((-1 if src is None else src.partition for src in sources), np.int32, len(msgs))
         res = self.windows.append(names, self.h + np.fromiter((m.line for m in msgs), np.int64, len(msgs)),
-                                  ids[:, None].astype(np.float32), now=now, partitions=partitions)
+                                  ids[:, None].astype(np.float32), score=score, now=now, partitions=partitions)
         for i in np.flatnonzero(res.status == OK).tolist():
             m, session = msgs[i], self.sessions[names[i]]
             if not session.keys:
@@ -116,6 +175,7 @@ class LogSessions:
             session.last_ts, session.last_line, session.source, session.seen = m.ts, m.line, sources[i], now
             self.sessions.move_to_end(names[i])
         if len(res.ready):
+            self.scored += len(res.ready)
             context = res.windows[:, :self.h, 0].astype(np.int32)
             nxt = res.windows[:, self.h, 0].astype(np.int32)
             bad = np.flatnonzero(~self.scorer.check(context, nxt))
@@ -145,21 +205,26 @@ class LogSessions:
                         "window": [vocab.token(int(k)) for k in context[j]]}))
         return out
 
-    def close(self, names: Sequence[str]) -> list[Alert]:
-        """Close sessions: the length rule applies, their windows are released."""
+    def close(self, names: Sequence[str], why: str) -> list[Alert]:
+        """Close sessions (``why``: idle or room): the session-close rules apply, their windows are released."""
         alerts = []
         for name in names:
-            session = self.sessions.pop(name)
-            if session.keys < self.h + 1:
-                alerts.append(Alert(
-                    alert_id=alert_id_for(name, session.last_line, self.scorer.version, "short_session"),
-                    entity=name, kind="log", score=float(session.keys), threshold=float(self.h + 1),
-                    severity="warning", window_start_ts=session.first_ts, window_end_ts=session.last_ts,
-                    model_version=self.scorer.version, source=session.source,
-                    detail={"reason": "short_session", "keys": session.keys, "min_keys": self.h + 1,
-                            "line": session.last_line}))
+            alerts += self._on_close(name, self.sessions.pop(name))
         self.windows.drop(names)
+        self.closed[why] += len(names)
         return alerts
+
+    def _on_close(self, name: str, session: _Session) -> list[Alert]:
+        """The alerts of a session that ends: DeepLog's length rule."""
+        if session.keys >= self.h + 1:
+            return []
+        return [Alert(
+            alert_id=alert_id_for(name, session.last_line, self.scorer.version, "short_session"),
+            entity=name, kind="log", score=float(session.keys), threshold=float(self.h + 1),
+            severity="warning", window_start_ts=session.first_ts, window_end_ts=session.last_ts,
+            model_version=self.scorer.version, source=session.source,
+            detail={"reason": "short_session", "keys": session.keys, "min_keys": self.h + 1,
+                    "line": session.last_line})]
 
     def close_idle(self, idle_s: float, now: float | None = None) -> list[Alert]:
         """Close the sessions without a key for ``idle_s`` seconds (oldest first: the dict's order)."""
@@ -169,7 +234,7 @@ class LogSessions:
             if session.seen > now - idle_s:
                 break
             idle.append(name)
-        return self.close(idle)
+        return self.close(idle, "idle")
 
     def _make_room(self, incoming: int, batch: dict[str, None]) -> list[Alert]:
         """Close the least recently active sessions outside the batch early, so that the store never
@@ -181,14 +246,28 @@ class LogSessions:
                 break
             if name not in batch:
                 victims.append(name)
-        return self.close(victims)
+        return self.close(victims, "room")
 
     def drop_partitions(self, partitions: Sequence[int]) -> None:
-        """Forget the sessions of revoked partitions, without alerts (their owner changes)."""
+        """Forget the sessions of revoked partitions, without alerts (their next owner rebuilds them)."""
         names = self.windows.keys_in(partitions)
         for name in names:
             self.sessions.pop(name, None)
         self.windows.drop(names)
+
+    def check_compatible(self, scorer: LogKeyScorer) -> None:
+        """Raise unless ``scorer`` can take over the sessions held (same window length)."""
+        if scorer.h != self.h:
+            raise UsageError(f"{scorer.version} has h={scorer.h}, the serving model h={self.h}: the open sessions' "
+                             f"windows do not fit it (restart logs serve to change h)")
+
+    def swap(self, scorer: LogKeyScorer) -> None:
+        """Serve ``scorer`` from now on; the key ids held are re-encoded into its vocabulary."""
+        self.check_compatible(scorer)
+        old = self.scorer.vocab
+        table = np.concatenate([[PAD, UNK], scorer.vocab.encode(old.keys)]).astype(np.float32)
+        self.windows.remap(table)
+        self.scorer = scorer
 
 
 class LogServer(StopOnSignal):
@@ -198,31 +277,60 @@ class LogServer(StopOnSignal):
         self.settings, self.config, self.topics = settings, config, settings.topics
         if config.max_sessions < config.max_batch:
             raise UsageError("--max-sessions must be at least --max-batch (a poll's sessions must all fit)")
+        self.registry = Registry(config.registry)
         scorer = LogKeyScorer.from_registry(config.registry, top_g=config.top_g)
         # as for readings: a key dated 2100 (or in microseconds) would stamp its session's alerts with it
         self.event_time_bounds = settings.event_time_bounds()
         self.sessions = LogSessions(scorer, config.max_sessions)
+        self.metrics = LogServeMetrics()
+        self.metrics.set_model(scorer.version, _provider(scorer))
+        self.metrics.readiness.set_function(lambda: float(self.ready()))
+        max_poll_s = float(settings.kafka_options.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS)) / 1000
+        self.liveness = Liveness(config.liveness_timeout_s or max(60.0, 2 * max_poll_s))
+        self.http: MetricsServer | None = None
         self._stop = threading.Event()
+        self._pending: LogKeyScorer | None = None
+        self._pending_lock = threading.Lock()
         self._next_offset: dict[int, int] = {}
+        self._assigned_once = False
         self._delivery = DeliveryTracker()
         self._failed = False
-        self.counts = {"consumed": 0, "dead_letters": 0, "dead_letters_lost": 0, "alerts": 0}
+        self._seen = {"scored": 0, "idle": 0, "room": 0}  # LogSessions' counters already in the metrics
         base = settings.client_config()
         self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "client.id": f"fabwatch-logs-{config.instance_id}"})
         self.producer = Producer({**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                                   "client.id": f"fabwatch-logs-{config.instance_id}"})
-        self.dead_letters = DeadLetters(self.producer, self.topics.dlq, lambda _reason: self._count("dead_letters_lost"))
+        self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
+                                   "enable.partition.eof": True})
+        self.dead_letters = DeadLetters(self.producer, self.topics.dlq,
+                                        lambda reason: self.metrics.dlq_lost.labels(reason=reason.value).inc())
+
+    def ready(self) -> bool:
+        return self._assigned_once and not self._stop.is_set()
 
     def run(self) -> None:
         cfg, topics = self.config, self.topics
-        ensure_topics(self.settings, [topics.logkeys, topics.alerts, topics.dlq])
-        self.consumer.subscribe([topics.logkeys], on_revoke=self._on_revoke, on_lost=self._on_lost)
+        ensure_topics(self.settings, [topics.logkeys, topics.alerts, topics.dlq, topics.models])
+        self.liveness.beat(CONSUME_LOOP)
+        if cfg.metrics_port is not None:
+            self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
+                                      self.liveness.failure)
+            host, port = self.http.server.server_address[:2]
+            log.info("metrics on port %d of %s (/metrics, /ready, /healthz)", port, host)
         scorer = self.sessions.scorer
+        ModelWatcher(self.registry, scorer.version, self._load, self.metrics, self.liveness, self._stop,
+                     open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
+                     interval_s=cfg.reload_interval_s, retry_min_s=cfg.reload_interval_s,
+                     retry_max_s=cfg.reload_retry_max_s).start()
+        self.consumer.subscribe([topics.logkeys], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
         log.info("serving logkeys model %s (h=%d, top-g=%d) on %s, group %s, sessions close after %.1fs idle",
                  scorer.version, scorer.h, scorer.top_g, topics.logkeys, cfg.group_id, cfg.idle_timeout_s)
         try:
             while not self._stop.is_set():
+                self.liveness.beat(CONSUME_LOOP)
+                self._swap_if_pending()
                 msgs = self.consumer.consume(cfg.max_batch, cfg.max_wait_ms / 1000)
                 alerts = self._handle(msgs) if msgs else []
                 alerts += self.sessions.close_idle(cfg.idle_timeout_s)
@@ -230,14 +338,25 @@ class LogServer(StopOnSignal):
                     self._produce(alerts)
                     self._delivery.flush_or_raise(self.producer)
                     self._commit(sync=False)
+                self._observe()
             self._commit(sync=True)
         except BaseException:
             self._failed = True  # nothing more is committed: a restart redoes the unfinished poll
             raise
         finally:
+            self._stop.set()
             self.consumer.close()  # leaves the group (on_revoke commits unless failed)
+            self.rebuilder.close()
             self.producer.flush(10)
-        log.info("stopped cleanly: %s, %d sessions open", self.counts, len(self.sessions.sessions))
+            if self.http is not None:
+                self.http.close()
+        log.info("stopped cleanly: %d sessions open", len(self.sessions.sessions))
+
+    def _decode(self, m: Message) -> LogKey:
+        """The message's log key; raises ``Rejected`` (bad message, clock skew) as live and rebuild both must."""
+        key = decode_logkey(m.value(), self.settings.max_message_bytes)
+        self.event_time_bounds.check(key.ts, m.timestamp()[1])
+        return key
 
     def _handle(self, msgs: list[Message]) -> list[Alert]:
         good: list[LogKey] = []
@@ -247,32 +366,36 @@ class LogServer(StopOnSignal):
             if not has_data(m, log):
                 continue
             self._next_offset[m.partition()] = m.offset() + 1
-            source = SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset())
             try:
-                key = decode_logkey(m.value(), self.settings.max_message_bytes)
-                self.event_time_bounds.check(key.ts, m.timestamp()[1])
+                key = self._decode(m)
             except Rejected as exc:
                 self.dead_letters.send(m, exc.reason, exc.detail, int(time.time() * 1000))
-                self._count("dead_letters")
+                self.metrics.dlq.labels(reason=exc.reason.value).inc()
                 continue
             good.append(key)
-            sources.append(source)
+            sources.append(SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()))
             ingest.append(m.timestamp()[1])
-        self.counts["consumed"] += len(good)
+        self.metrics.consumed.inc(len(good))
         if not good:
             return []
         return self.sessions.process(good, sources, ingest_ms=np.asarray(ingest, np.float64),
                                      clock_ms=time.time() * 1000.0)
 
-    def _count(self, what: str) -> None:
-        self.counts[what] += 1
-
     def _produce(self, alerts: list[Alert]) -> None:
         for alert in alerts:
             self.producer.produce(self.topics.alerts, alert.model_dump_json().encode(), alert.entity.encode(),
                                   on_delivery=self._delivery.on_delivery)
-        self.counts["alerts"] += len(alerts)
+            self.metrics.alerts.labels(reason=alert.detail["reason"], severity=alert.severity).inc()
         self.producer.poll(0)
+
+    def _observe(self) -> None:
+        s, m = self.sessions, self.metrics
+        m.sessions_open.set(len(s.sessions))
+        m.scored.inc(s.scored - self._seen["scored"])
+        self._seen["scored"] = s.scored
+        for why, total in s.closed.items():
+            m.sessions_closed.labels(why=why).inc(total - self._seen[why])
+            self._seen[why] = total
 
     def _commit(self, sync: bool, partitions: Sequence[int] | None = None) -> None:
         offsets = [TopicPartition(self.topics.logkeys, p, off) for p, off in sorted(self._next_offset.items())
@@ -283,6 +406,56 @@ class LogServer(StopOnSignal):
             self.consumer.commit(offsets=offsets, asynchronous=not sync)
         except KafkaException as exc:  # e.g. a rebalance under way: the poll is redone, same alert ids
             log.warning("offset commit failed: %s", exc)
+
+    # ---- rebalances -------------------------------------------------------------------------
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_once = True
+        if not partitions:
+            return
+        t0, before = time.monotonic(), len(self.sessions.sessions)
+        wanted = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
+        committed = retry_transient(lambda: self.consumer.committed(wanted, timeout=30), "reading committed offsets")
+        for tp in committed:
+            if tp.offset > 0:
+                self._next_offset[tp.partition] = tp.offset
+                self._rebuild(tp.partition, tp.offset)
+        rebuilt = len(self.sessions.sessions) - before
+        self.metrics.sessions_rebuilt.inc(rebuilt)
+        log.info("assigned partitions %s (%d open sessions rebuilt in %.2fs)",
+                 sorted(tp.partition for tp in partitions), rebuilt, time.monotonic() - t0)
+
+    def _rebuild(self, partition: int, end: int) -> None:
+        """Re-read the partition before ``end`` until each session seen has h + 1 keys (see the module
+        docstring), then replay the keys, oldest first, into open sessions."""
+        cfg, need = self.config, self.sessions.h + 1
+        chunks: list[tuple[list[LogKey], list[SourceOffset]]] = []  # newest first
+        counts: dict[str, int] = {}
+
+        def enough(msgs: list[Message]) -> bool:
+            keys, sources = [], []
+            for m in msgs:
+                try:
+                    keys.append(self._decode(m))
+                except Rejected:
+                    continue  # dead-lettered when it was first consumed
+                sources.append(SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()))
+            chunks.append((keys, sources))
+            new = False
+            for k in keys:
+                new |= k.session not in counts
+                counts[k.session] = counts.get(k.session, 0) + 1
+            return not new and all(c >= need for c in counts.values())
+
+        history = read_back(self.rebuilder, self.topics.logkeys, partition, end, cfg.rebuild_chunk,
+                            cfg.rebuild_max_messages, cfg.rebuild_timeout_s, enough)
+        for keys, sources in reversed(chunks):
+            for lo in range(0, len(keys), cfg.max_batch):  # a poll's worth at a time: the store's bound
+                self.sessions.warm(keys[lo:lo + cfg.max_batch], sources[lo:lo + cfg.max_batch])
+        short = sorted(s for s, c in counts.items() if c < need)
+        if history.limit is not None and short:
+            log.warning("partition %d: session rebuild stopped at %s, re-read offsets [%d, %d); %d sessions hold "
+                        "fewer than %d keys, their start may lie before: %s%s", partition, history.limit,
+                        history.start, end, len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
@@ -297,4 +470,28 @@ class LogServer(StopOnSignal):
         self.sessions.drop_partitions(partitions)
         for p in partitions:
             self._next_offset.pop(p, None)
-        log.info("partitions %s left: their sessions are dropped", sorted(partitions))
+        log.info("partitions %s left: their sessions are dropped (the next owner rebuilds them)", sorted(partitions))
+
+    # ---- hot reload -------------------------------------------------------------------------
+    def _swap_if_pending(self) -> None:
+        with self._pending_lock:
+            scorer, self._pending = self._pending, None
+        if scorer is None or scorer.version == self.sessions.scorer.version:
+            return
+        old = self.sessions.scorer.version
+        self.sessions.swap(scorer)
+        self.metrics.set_model(scorer.version, _provider(scorer))
+        self.metrics.reloads.labels(result="ok").inc()
+        log.info("hot reload: %s -> %s", old, scorer.version)
+
+    def _load(self, version: str, sha256: str | None) -> None:
+        """Build ``version`` beside the serving model for the loop to swap in; raises when it cannot serve."""
+        scorer = LogKeyScorer.from_registry(self.config.registry, version, top_g=self.config.top_g, sha256=sha256)
+        self.sessions.check_compatible(scorer)
+        with self._pending_lock:
+            self._pending = scorer
+
+
+def _provider(scorer: LogKeyScorer) -> str:
+    providers = getattr(scorer.session, "get_providers", lambda: ["unknown"])()
+    return providers[0] if providers else "unknown"
