@@ -31,12 +31,15 @@ produced and flushed before the poll's offsets are committed; SIGTERM finishes t
 commits and exits 0.
 
 Open sessions across restarts and rebalances: on assignment each partition is re-read backwards from its
-committed offset (``fabwatch.stream.kafka.history``, as the sensor processor rebuilds its windows) until
-every session seen there has h + 1 keys and a chunk brings no new session, the partition's start, the
-``rebuild_max_messages`` cap or ``rebuild_timeout_s``; the keys are replayed into ``LogSessions`` oldest
-first without scoring (``warm``). Keys at and past the committed offset are then scored exactly as in an
-uninterrupted run: each window holds the session's h previous keys, so key alerts carry the same ids, and
-none is lost (a poll is committed only once its alerts are flushed).
+committed offset (``fabwatch.stream.kafka.history``, as the sensor processor rebuilds its windows), and the
+keys are replayed into ``LogSessions`` oldest first without scoring (``warm``). The re-read stops once every
+session that may still be open (a key within ``idle_timeout_s``, broker time, of the newest message before
+the committed offset) either has h + 1 keys read (its windows and its length verdict are then exact) or has
+``idle_timeout_s`` of silence read before its oldest key (its start); else at the partition's start, the
+``rebuild_max_messages`` cap or ``rebuild_timeout_s``. Keys at and past the committed offset are then scored
+exactly as in an uninterrupted run: each window holds the session's h previous keys, so key alerts carry
+the same ids, and none is lost (a poll is committed only once its alerts are flushed).
+
 Idle closing stays wall-clock (``idle_timeout_s`` of processing time without a key: a live stream's sessions
 end when their keys stop, which no later message can tell). What a restart cannot know is which of the
 sessions seen before the committed offset an uninterrupted run had already closed by then, so every one of
@@ -425,33 +428,43 @@ class LogServer(StopOnSignal):
                  sorted(tp.partition for tp in partitions), rebuilt, time.monotonic() - t0)
 
     def _rebuild(self, partition: int, end: int) -> None:
-        """Re-read the partition before ``end`` until each session seen has h + 1 keys (see the module
-        docstring), then replay the keys, oldest first, into open sessions."""
-        cfg, need = self.config, self.sessions.h + 1
+        """Re-read the partition before ``end`` until the sessions that may still be open are complete (see the
+        module docstring), then replay the keys, oldest first, into open sessions."""
+        cfg, need, idle_ms = self.config, self.sessions.h + 1, self.config.idle_timeout_s * 1000
         chunks: list[tuple[list[LogKey], list[SourceOffset]]] = []  # newest first
         counts: dict[str, int] = {}
+        earliest: dict[str, int] = {}  # broker ms of the session's oldest key read so far
+        latest: dict[str, int] = {}    # broker ms of its newest key
+        span = {"newest": -1, "oldest": -1}  # broker ms of the newest message before end, of the oldest read
 
         def enough(msgs: list[Message]) -> bool:
             keys, sources = [], []
             for m in msgs:
                 try:
-                    keys.append(self._decode(m))
+                    key = self._decode(m)
                 except Rejected:
                     continue  # dead-lettered when it was first consumed
+                keys.append(key)
                 sources.append(SourceOffset(topic=m.topic(), partition=m.partition(), offset=m.offset()))
+                broker_ms = m.timestamp()[1]
+                counts[key.session] = counts.get(key.session, 0) + 1
+                earliest[key.session] = min(earliest.get(key.session, broker_ms), broker_ms)
+                latest[key.session] = max(latest.get(key.session, broker_ms), broker_ms)
+                span["newest"] = max(span["newest"], broker_ms)
+                span["oldest"] = broker_ms if span["oldest"] < 0 else min(span["oldest"], broker_ms)
             chunks.append((keys, sources))
-            new = False
-            for k in keys:
-                new |= k.session not in counts
-                counts[k.session] = counts.get(k.session, 0) + 1
-            return not new and all(c >= need for c in counts.values())
+            # a session with no key in the last idle_timeout_s before end was closed by a caught-up run; one
+            # with h + 1 keys read has its windows and its length verdict; one whose oldest key read comes
+            # idle_timeout_s after everything older than the read has its start
+            return all(counts[s] >= need or span["oldest"] < earliest[s] - idle_ms
+                       for s in counts if latest[s] >= span["newest"] - idle_ms)
 
         history = read_back(self.rebuilder, self.topics.logkeys, partition, end, cfg.rebuild_chunk,
                             cfg.rebuild_max_messages, cfg.rebuild_timeout_s, enough)
         for keys, sources in reversed(chunks):
             for lo in range(0, len(keys), cfg.max_batch):  # a poll's worth at a time: the store's bound
                 self.sessions.warm(keys[lo:lo + cfg.max_batch], sources[lo:lo + cfg.max_batch])
-        short = sorted(s for s, c in counts.items() if c < need)
+        short = sorted(s for s, c in counts.items() if c < need and latest[s] >= span["newest"] - idle_ms)
         if history.limit is not None and short:
             log.warning("partition %d: session rebuild stopped at %s, re-read offsets [%d, %d); %d sessions hold "
                         "fewer than %d keys, their start may lie before: %s%s", partition, history.limit,
