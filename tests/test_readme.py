@@ -137,10 +137,10 @@ def test_documented_environment_variables_exist():
 def test_documented_metrics_are_registered_with_their_labels():
     from fabwatch.models.sidecar.trainer import TrainerMetrics
     from fabwatch.stream.alerts.forward import ForwardMetrics
-    from fabwatch.stream.metrics import ProcessorMetrics
+    from fabwatch.stream.metrics import LogServeMetrics, ProcessorMetrics
 
     metrics = {}
-    for owner in (ProcessorMetrics(), TrainerMetrics(), ForwardMetrics()):
+    for owner in (ProcessorMetrics(), LogServeMetrics(), TrainerMetrics(), ForwardMetrics()):
         for m in vars(owner).values():
             if hasattr(m, "_labelnames"):
                 names = {m._name} | ({f"{m._name}_total"} if m._type == "counter" else set())
