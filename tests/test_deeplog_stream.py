@@ -239,3 +239,43 @@ def test_log_messages_are_log_keys_keyed_by_session() -> None:
     assert [(k.session, k.line) for k in keys if k.key == "E30"] == [  # one line, two sessions
         ("blk_7503483334202473044", 7), ("blk_-3544583377289625738", 7)]
     assert messages.rows_in_file == 8 and messages.shifted is None
+
+
+def test_warmed_sessions_score_the_rest_as_an_uninterrupted_run() -> None:
+    """A restart rebuilds open sessions from the keys before the committed offset (``warm``, no alerts): the
+    keys after it then get the alerts, with the ids, that one uninterrupted run gives them."""
+    stream = _keys(("s1", "a", 1), ("s2", "a", 2), ("s1", "b", 3), ("s2", "b", 4), ("s1", "d", 5), ("s2", "c", 6),
+                   ("s3", "a", 7), ("s1", "e", 8), ("s3", "c", 9))
+    cut = 4
+    uninterrupted = _sessions()
+    uninterrupted.process(stream[:cut], [None] * cut, now=0.0)
+    after = uninterrupted.process(stream[cut:], [None] * (len(stream) - cut), now=1.0)
+    assert [(a.entity, a.detail["key"]) for a in after] == [("s1", "d"), ("s3", "c")]
+
+    restarted = _sessions()
+    restarted.warm(stream[:cut], [None] * cut, now=0.0)
+    assert restarted.scored == 0 and restarted.sessions["s1"].keys == 2
+    rebuilt = restarted.process(stream[cut:], [None] * (len(stream) - cut), now=1.0)
+    assert [a.alert_id for a in rebuilt] == [a.alert_id for a in after]
+
+    cold = _sessions()  # what logs serve did before: sessions cut by the restart start afresh
+    cold_ids = {a.alert_id for a in cold.process(stream[cut:], [None] * (len(stream) - cut), now=1.0)}
+    assert cold_ids != {a.alert_id for a in after}
+
+
+def test_a_hot_swap_re_encodes_the_held_keys_into_the_new_vocabulary() -> None:
+    from types import SimpleNamespace
+
+    from fabwatch.export.errors import UsageError
+    from fabwatch.stream.logs.score import LogKeyScorer
+
+    live = _sessions()
+    live.process(_keys(("s1", "a", 1), ("s1", "b", 2)), [None] * 2, now=0.0)
+    other = SimpleNamespace(extra={"vocabulary": ["e", "b", "x", "a"], "h": 2, "top_g": 1}, version="v10")
+    live.swap(LogKeyScorer(_Chain(6), other))
+    (alert,) = live.process(_keys(("s1", "zzz", 3)), [None], now=1.0)
+    assert (alert.model_version, alert.detail["reason"], alert.detail["window"]) == ("v10", "unknown_key", ["a", "b"])
+
+    longer = SimpleNamespace(extra={"vocabulary": ["a", "b"], "h": 3, "top_g": 1}, version="v11")
+    with pytest.raises(UsageError, match="h=3"):
+        live.swap(LogKeyScorer(_Chain(4), longer))
