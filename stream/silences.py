@@ -29,7 +29,7 @@ import re
 import time
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
@@ -66,7 +66,7 @@ class SilenceSet:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Silence]:
         return iter(self._ordered)
 
     def get(self, silence_id: str) -> Silence | None:

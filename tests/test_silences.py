@@ -99,6 +99,17 @@ def test_time_arguments_and_silence_files(tmp_path: Path) -> None:
         load_silences(tmp_path / "bad.jsonl")
 
 
+def test_silence_add_refuses_bad_input_in_one_line_before_any_broker() -> None:
+    for args, why in ((["--until", "2h"], "give one of --entity E or --match PATTERN"),
+                      (["--entity", "A", "--match", "A*", "--until", "2h"], "give one of --entity E or --match PATTERN"),
+                      (["--entity", "A", "--until", "soon"], "expected a duration"),
+                      (["--entity", "A", "--starts", "3h", "--until", "2h"], "after its 'starts'")):
+        proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "silence", "add", "--reason", "pm",
+                               "--bootstrap", "127.0.0.1:9", *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=60)
+        assert proc.returncode == 2 and why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 # ---- offline ------------------------------------------------------------------------------------
 
 def test_evaluate_with_silences_drops_their_alerts(registry: Path, tmp_path: Path) -> None:

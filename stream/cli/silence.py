@@ -13,10 +13,21 @@ import typer
 
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, emit, settings_for
+from fabwatch.stream.kafka.config import Settings
 
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _settings(bootstrap: str | None) -> Settings:
+    """Settings, with the silence topic created: a producer alone could have the broker auto-create it as a
+    plain (deleting, not compacted) topic."""
+    from fabwatch.stream.kafka.topics import ensure_topics
+
+    settings = settings_for(bootstrap)
+    ensure_topics(settings, [settings.topics.silences])
+    return settings
 
 
 def silence_add(
@@ -51,7 +62,7 @@ def silence_add(
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise UsageError(f"{'.'.join(str(p) for p in first['loc']) or 'silence'}: {first['msg']}") from None
-    publish(settings_for(bootstrap), silence.id, silence)
+    publish(_settings(bootstrap), silence.id, silence)
     emit(silence.model_dump(), as_json, f"silence {silence.id} added: {entity or match} from "
                                         f"{_iso(silence.starts)} until {_iso(silence.until)}")
 
@@ -65,7 +76,7 @@ def silence_list(
     from fabwatch.stream.silences import read_silences, status
 
     now_ms = int(time.time() * 1000)
-    rows = [{**s.model_dump(), "status": status(s, now_ms)} for s in read_silences(settings_for(bootstrap))]
+    rows = [{**s.model_dump(), "status": status(s, now_ms)} for s in read_silences(_settings(bootstrap))]
     rows = [r for r in rows if show_all or r["status"] != "expired"]
     lines = [f"{r['id']:12} {r['status']:8} {r['entity'] or r['match']:16} {_iso(r['starts'])} -> "
              f"{_iso(r['until'])}  {r['created_by']}: {r['reason']}" for r in rows]
@@ -80,7 +91,7 @@ def silence_remove(
     """End a silence now: alerts opened from here on flow again (a tombstone on the compacted topic)."""
     from fabwatch.stream.silences import publish, read_silences
 
-    settings = settings_for(bootstrap)
+    settings = _settings(bootstrap)
     if read_silences(settings).get(silence_id) is None:
         raise UsageError(f"no silence {silence_id!r} (see `fabwatch silence list --all`)")
     publish(settings, silence_id, None)
