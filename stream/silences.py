@@ -37,6 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.kafka.config import Settings
+from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import Alert, Rejected, Silence, decode_silence, parse_timestamp_ms
 
 log = logging.getLogger("fabwatch.silences")
@@ -183,15 +184,23 @@ class SilenceFeed:
         # assigned, never subscribed: every reader needs every silence; offsets are never committed
         self.consumer = Consumer({**settings.client_config(), "group.id": f"{group_id}-silences",
                                   "enable.auto.commit": False, "enable.partition.eof": True})
-        md = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
-        if md is None or md.error is not None or not md.partitions:
-            raise UsageError(f"no silence topic {self.topic}: run `fabwatch topics`")
-        self.partitions = sorted(md.partitions)
+        self.partitions = retry_transient(self._partitions, f"the partitions of {self.topic}")
         self.consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self.partitions])
+
+    def _partitions(self) -> list[int]:
+        """The topic's partitions; a topic created a moment ago may still answer with a transient error."""
+        md = self.consumer.list_topics(self.topic, timeout=10).topics.get(self.topic)
+        if md is None:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        if md.error is not None:
+            raise KafkaException(md.error)
+        return sorted(md.partitions)
 
     def catch_up(self, timeout_s: float = 30.0) -> None:
         """Read every partition up to the end it had when called; raises ``TimeoutError`` past ``timeout_s``."""
-        ends = {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+        ends = {p: retry_transient(lambda: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p),
+                                                                               timeout=10)[1],
+                                   f"the end of {self.topic}[{p}]")  # a topic just created may have no leader yet
                 for p in self.partitions}
         behind = {p for p, high in ends.items() if high > 0}
         deadline = time.monotonic() + timeout_s
