@@ -99,7 +99,7 @@ def test_time_arguments_and_silence_files(tmp_path: Path) -> None:
         load_silences(tmp_path / "bad.jsonl")
 
 
-def test_silence_add_refuses_bad_input_in_one_line_before_any_broker() -> None:
+def test_the_commands_refuse_bad_input_in_one_line_before_any_broker(tmp_path: Path) -> None:
     for args, why in ((["--until", "2h"], "give one of --entity E or --match PATTERN"),
                       (["--entity", "A", "--match", "A*", "--until", "2h"], "give one of --entity E or --match PATTERN"),
                       (["--entity", "A", "--until", "soon"], "expected a duration"),
@@ -108,6 +108,13 @@ def test_silence_add_refuses_bad_input_in_one_line_before_any_broker() -> None:
                                "--bootstrap", "127.0.0.1:9", *args], capture_output=True, text=True, cwd=REPO,
                               timeout=60)
         assert proc.returncode == 2 and why in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "serve", "--registry", str(registry),
+                           "--silenced-alerts", "hide", "--bootstrap", "127.0.0.1:9"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "--silenced-alerts takes drop or mark" in proc.stderr
 
 
 # ---- offline ------------------------------------------------------------------------------------
@@ -170,6 +177,8 @@ def test_a_silence_holds_an_entitys_alerts_back_then_they_flow_again(topics, reg
         # 2. a glob silence with no end in sight holds C1 back; removed, C1's next spike flows
         listed = json.loads(fabwatch(settings, "silence", "list", "--all", "--json"))
         assert [(s["id"], s["entity"], s["status"]) for s in listed] == [("pump", "A", "expired")]
+        (tmp_path / "listed.json").write_text(json.dumps(listed))  # what `evaluate --silences` takes
+        assert [s.id for s in load_silences(tmp_path / "listed.json")] == ["pump"]
         fabwatch(settings, "silence", "add", "--match", "C*", "--starts", str(T0 + 1_000_000), "--until", "1d",
                  "--reason", "line stop", "--id", "line")
         wait_for(lambda: metric(port, "fabwatch_silences") == 2.0, 60, what="the processor to see the second")
