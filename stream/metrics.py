@@ -29,6 +29,8 @@ class ProcessorMetrics:
         self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state", "severity"], registry=r)
         self.silenced = Counter("fabwatch_alerts_silenced", "alerts a maintenance silence held back (or marked, "
                                 "with --silenced-alerts mark)", ["state"], registry=r)
+        for state in ("open", "closed"):  # at 0 from the start, so increase() sees the first one
+            self.silenced.labels(state=state)
         self.silences = Gauge("fabwatch_silences", "maintenance silences known (from the silence topic), any "
                               "time span", registry=r)
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
