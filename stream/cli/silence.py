@@ -20,6 +20,14 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _login() -> str:
+    """The login name, or "" where there is none (a container without USER and with no passwd entry)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return ""
+
+
 def _settings(bootstrap: str | None) -> Settings:
     """Settings, with the silence topic created: a producer alone could have the broker auto-create it as a
     plain (deleting, not compacted) topic."""
@@ -58,7 +66,7 @@ def silence_add(
         silence = Silence(id=silence_id or uuid.uuid4().hex[:12], entity=entity, match=match,
                           starts=parse_time_ms(starts, now_ms) if starts else now_ms,
                           until=parse_time_ms(until, now_ms), reason=reason,
-                          created_by=created_by if created_by is not None else getpass.getuser(), created_at=now_ms)
+                          created_by=created_by if created_by is not None else _login(), created_at=now_ms)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise UsageError(f"{'.'.join(str(p) for p in first['loc']) or 'silence'}: {first['msg']}") from None
