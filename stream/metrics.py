@@ -49,6 +49,12 @@ class ProcessorMetrics(ServingMetrics):
         self.consumed = Counter("fabwatch_readings_consumed", "readings polled from the sensor topic", registry=r)
         self.scored = Counter("fabwatch_windows_scored", "windows scored by the model", registry=r)
         self.alerts = Counter("fabwatch_alerts", "alerts produced", ["kind", "state", "severity"], registry=r)
+        self.silenced = Counter("fabwatch_alerts_silenced", "alerts a maintenance silence held back (or marked, "
+                                "with --silenced-alerts mark)", ["state"], registry=r)
+        for state in ("open", "closed"):  # at 0 from the start, so increase() sees the first one
+            self.silenced.labels(state=state)
+        self.silences = Gauge("fabwatch_silences", "maintenance silences known (from the silence topic), any "
+                              "time span", registry=r)
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
         self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
                                 "the message is skipped, only the log names it", ["reason"], registry=r)

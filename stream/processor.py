@@ -28,6 +28,11 @@ Hot reload
     on the models topic only makes it look at once) from the version loaded at start-up on; it builds the new session
     beside the serving one, retries a failed load with backoff, and the loop swaps it in between batches.
 
+Maintenance silences
+    The silence topic is read to its end before the first poll and followed at every turn of the loop;
+    ``SilenceGate`` (``fabwatch.stream.silences``) holds back the alerts of silenced entities after the
+    policy decided them, so scoring and alert state go on as without silences.
+
 Liveness
     ``/healthz`` answers 503, naming the loop, when the consume loop or the watcher has not turned for
     ``liveness_timeout_s`` or the watcher's thread has died; ``/ready`` says whether partitions are held.
@@ -59,6 +64,7 @@ from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import RejectReason
+from fabwatch.stream.silences import SilencedAlerts, SilenceFeed, SilenceGate
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
 from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
@@ -96,6 +102,7 @@ class ProcessorConfig:
     rebuild_timeout_s: float = 30.0  # per partition
     transaction_timeout_ms: int = 30_000
     providers: Sequence[str] | None = None
+    silenced_alerts: SilencedAlerts = "drop"  # or "mark": published with silence_id set
 
 
 def _broker_ms(msgs: Sequence[Message]) -> np.ndarray:
@@ -128,6 +135,8 @@ class Processor(StopOnSignal):
         self._last_housekeeping = 0.0
         self._cap_evictions_seen = 0
         self.http: MetricsServer | None = None
+        self.silences = SilenceGate(mode=config.silenced_alerts)
+        self._silence_feed: SilenceFeed | None = None
 
         base = settings.client_config()
         instance = config.instance_id or socket.gethostname()
@@ -156,7 +165,10 @@ class Processor(StopOnSignal):
     def run(self) -> None:
         cfg = self.config
         ensure_topics(self.settings, [self.topics.sensors, self.topics.alerts, self.topics.dlq, self.topics.scores,
-                                      self.topics.models])
+                                      self.topics.models, self.topics.silences])
+        silence_feed = self._silence_feed = SilenceFeed(self.settings, self.silences.silences, cfg.group_id)
+        silence_feed.catch_up()
+        log.info("%d maintenance silences known", len(self.silences.silences))
         self.liveness.beat(CONSUME_LOOP)
         if cfg.metrics_port is not None:
             self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
@@ -177,6 +189,8 @@ class Processor(StopOnSignal):
             while not self._stop.is_set():
                 self.liveness.beat(CONSUME_LOOP)
                 self._swap_if_pending()
+                silence_feed.poll()
+                self.metrics.silences.set(len(self.silences.silences))
                 msgs = self.consumer.consume(cfg.max_batch, cfg.max_wait_ms / 1000)
                 if msgs:
                     self._handle(msgs)
@@ -197,6 +211,8 @@ class Processor(StopOnSignal):
             self.consumer.close()  # leaves the group (on_revoke runs)
         finally:
             self.rebuilder.close()
+            if self._silence_feed is not None:
+                self._silence_feed.close()
             self.producer.flush(10)
             if self.http is not None:
                 self.http.close()
@@ -219,6 +235,9 @@ class Processor(StopOnSignal):
         result = self.engine.process(cols.keys, cols.ts, cols.values, partitions=partitions[cols.index],
                                      offsets=offsets[cols.index], ingest_ms=ingest, topic=self.topics.sensors,
                                      clock_ms=lambda: time.time() * 1000.0)
+        result.alerts, silenced = self.silences.apply(result.alerts)
+        for a in silenced:
+            self.metrics.silenced.labels(state=a.state).inc()
         for p in np.unique(partitions).tolist():
             self._next_offset[p] = int(offsets[partitions == p].max()) + 1
         if self.config.exactly_once:
@@ -307,6 +326,7 @@ class Processor(StopOnSignal):
         would otherwise keep its aborted position, and a later transaction commit past unprocessed messages."""
         parts = sorted(self._assigned)
         self.engine.drop_partitions(parts)
+        self.silences.drop_partitions(parts)
         for p in parts:
             self._next_offset.pop(p, None)
         committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
@@ -375,6 +395,7 @@ class Processor(StopOnSignal):
 
     def _forget(self, partitions: Sequence[int]) -> None:
         self.engine.drop_partitions(partitions)
+        self.silences.drop_partitions(partitions)
         self._assigned -= set(partitions)
         for p in partitions:
             self._next_offset.pop(p, None)

@@ -306,6 +306,8 @@ class Alert(BaseModel):
     ingest_to_alert_ms: float | None = None
     state: Literal["open", "closed"] = "open"
     detail: dict[str, Any] = Field(default_factory=dict, description="kind-specific extras (log alerts: expected keys)")
+    silence_id: str | None = Field(default=None, description="the maintenance silence this alert fell in, when the "
+                                   "processor publishes silenced alerts marked (`serve --silenced-alerts mark`)")
 
 
 def alert_id_for(entity: str, window_end_ts: int, model_version: str, state: str = "open") -> str:
@@ -338,6 +340,46 @@ class ModelEvent(BaseModel):
     ts: int
 
 
+SILENCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class Silence(BaseModel):
+    """A maintenance silence on ``fabwatch.silences`` (compacted, key = ``id``; a null value removes it).
+
+    An open alert of a matching entity whose window end (event time) lies in ``[starts, until)`` is not
+    published; ``fabwatch.stream.silences`` decides, for the processor and ``evaluate --silences`` alike."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(pattern=SILENCE_ID_PATTERN, description="the topic key; adding the same id again replaces it")
+    entity: Annotated[str | None, Field(min_length=1, max_length=256, description="silence this entity")] = None
+    match: Annotated[str | None, Field(min_length=1, max_length=256, description="or every entity this glob "
+                                       "matches (fnmatch, case-sensitive: *, ?, [seq])")] = None
+    starts: int = Field(description="epoch ms (event time) from which alerts are silenced (ISO-8601 accepted)")
+    until: int = Field(description="epoch ms (event time) from which alerts flow again (ISO-8601 accepted)")
+    reason: Annotated[str, Field(min_length=1, max_length=1000)]
+    created_by: str = ""
+    created_at: int = Field(description="epoch ms when it was added")
+
+    @field_validator("starts", "until", "created_at", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> int:
+        return parse_timestamp_ms(v)
+
+    @model_validator(mode="after")
+    def _target_and_span(self) -> "Silence":
+        if (self.entity is None) == (self.match is None):
+            raise PydanticCustomError("schema", "a silence needs exactly one of 'entity' or 'match'")
+        if self.until <= self.starts:
+            raise PydanticCustomError("schema", "a silence's 'until' must lie after its 'starts'")
+        return self
+
+
+def decode_silence(raw: bytes | None, max_bytes: int = 64_000) -> Silence:
+    """Raw Kafka value -> ``Silence``, or ``Rejected`` with a reason (the processor logs and skips it)."""
+    return _validate_json(Silence, raw, max_bytes)
+
+
 def decode_alert(raw: bytes | None, max_bytes: int = 1_000_000) -> Alert:
     """Raw Kafka value -> ``Alert``, or ``Rejected`` with a reason (``alerts forward`` dead-letters it)."""
     return _validate_json(Alert, raw, max_bytes)
@@ -350,4 +392,5 @@ def decode_model_event(raw: bytes | None, max_bytes: int = 64_000) -> ModelEvent
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "reading": Reading, "log_key": LogKey, "alert": Alert, "dead_letter": DeadLetter, "model_event": ModelEvent,
+    "silence": Silence,
 }

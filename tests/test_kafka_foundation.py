@@ -58,6 +58,12 @@ def test_topic_creation_is_idempotent(settings: Settings):
     assert set(ensure_topics(settings, partitions=2).values()) == {"exists"}
     md = AdminClient(settings.client_config()).list_topics(timeout=10)
     assert len(md.topics[settings.topics.alerts].partitions) == 2
+    # the silence topic is a table: one partition, compacted (the latest value per silence id)
+    assert len(md.topics[settings.topics.silences].partitions) == 1
+    resource = ConfigResource(ResourceType.TOPIC, settings.topics.silences)
+    admin = AdminClient(settings.client_config())  # held: a collected client cancels the request
+    configs = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert configs["cleanup.policy"].value == "compact"
 
 
 def test_topics_get_the_brokers_replication_factor_by_default(settings: Settings, unique_topic: str, monkeypatch):

@@ -198,6 +198,8 @@ def evaluate_cmd(
     min_consecutive: Annotated[int, typer.Option(min=1, help="as `serve --min-consecutive`")] = 1,
     cooldown_ms: Annotated[int, typer.Option(min=0, help="as `serve --cooldown-ms`")] = 0,
     from_topic: Annotated[Optional[str], typer.Option("--from-topic", help="compare with the alerts on this topic")] = None,
+    silences: Annotated[Optional[Path], typer.Option("--silences", help="JSON or JSONL file of maintenance silences: "
+                                                     "their alerts are dropped, as `serve` drops them")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="csv | parquet | jsonl (default: by extension)")] = None,
     entity_col: EntityColOpt = None,
     entity: EntityOpt = None,
@@ -210,10 +212,12 @@ def evaluate_cmd(
     require_extra("eval", "sklearn", *(["matplotlib"] if plot else []))
     from fabwatch.stream.offline import evaluate
     from fabwatch.stream.policy import PolicyConfig
+    from fabwatch.stream.silences import load_silences
 
     ev = evaluate.evaluate_file(registry, data, label_col=label_col, fmt=fmt, entity_col=entity_col, ts_col=ts_col,
                                 features=column_list(features), entity=entity, skip_rows=skip_rows, stride=stride,
-                                policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
+                                policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms),
+                                silences=load_silences(silences) if silences is not None else None)
     report = dict(ev.metrics)
     if predictions:
         evaluate.write_predictions(ev, predictions)
@@ -228,7 +232,8 @@ def evaluate_cmd(
 
 def _evaluation_text(report: dict) -> str:
     lines = [f"model {report['model_version']}: {report['rows_scored']} of {report['rows_in_file']} rows scored, "
-             f"{report['alerts_opened']} alerts opened ({report['readings_per_s']} readings/s)"]
+             f"{report['alerts_opened']} alerts opened ({report['readings_per_s']} readings/s)"
+             + (f", {report['alerts_silenced']} alerts silenced" if "alerts_silenced" in report else "")]
     for section in ("pointwise", "eventwise", "live_comparison"):
         if section in report:
             lines.append(f"{section}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -312,8 +317,9 @@ def _register_areas() -> None:
     from fabwatch.stream.cli.train import register as register_models
     from fabwatch.stream.cli.logs import register as register_logs
     from fabwatch.stream.cli.serve import register as register_serve
+    from fabwatch.stream.cli.silence import register as register_silence
 
-    for register in (register_models, register_serve, register_logs, register_alerts):
+    for register in (register_models, register_serve, register_logs, register_alerts, register_silence):
         register(app, bench_app)
 
 

@@ -45,6 +45,8 @@ def serve(
                                                       "windows")] = 2_000_000,
     rebuild_timeout_s: Annotated[float, typer.Option(min=0, help="longest window rebuild per partition; keys "
                                                      "still short are logged")] = 30.0,
+    silenced_alerts: Annotated[str, typer.Option("--silenced-alerts", help="alerts a maintenance silence covers: "
+                                                 "drop (default) or mark (published with silence_id set)")] = "drop",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Score the sensor stream with the registry's current model and produce alerts."""
@@ -55,12 +57,14 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not registry.is_dir():
         raise UsageError(f"no model registry at {registry}")
+    if silenced_alerts not in ("drop", "mark"):
+        raise UsageError(f"--silenced-alerts takes drop or mark, not {silenced_alerts!r}")
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
                              stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
                              key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, metrics_host=metrics_host,
                              liveness_timeout_s=liveness_timeout_s, rebuild_chunk=rebuild_chunk,
                              rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s,
-                             instance_id=instance_id or None,
+                             instance_id=instance_id or None, silenced_alerts=silenced_alerts,  # type: ignore[arg-type]
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     processor = Processor(settings_for(bootstrap), config)
     processor.install_signal_handlers()

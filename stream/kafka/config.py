@@ -28,9 +28,10 @@ class TopicNames(BaseSettings):
     dlq: str = "fabwatch.dlq"
     models: str = "fabwatch.models"
     logkeys: str = "fabwatch.logkeys"
+    silences: str = "fabwatch.silences"  # compacted (``kafka/topics.py``)
 
     def all(self) -> list[str]:
-        return [self.sensors, self.alerts, self.scores, self.dlq, self.models, self.logkeys]
+        return [self.sensors, self.alerts, self.scores, self.dlq, self.models, self.logkeys, self.silences]
 
 
 class Settings(BaseSettings):

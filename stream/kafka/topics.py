@@ -13,13 +13,19 @@ from fabwatch.stream.kafka.config import Settings
 def ensure_topics(settings: Settings, names: Iterable[str] | None = None, partitions: int | None = None,
                   timeout: float = 30.0) -> dict[str, str]:
     """Create the topics that do not exist yet, with ``settings.replication_factor`` (-1 lets the broker apply
-    its ``default.replication.factor``). Returns ``{topic: "created" | "exists"}``."""
+    its ``default.replication.factor``). Returns ``{topic: "created" | "exists"}``.
+
+    The silence topic is a table, not a stream: compacted (the latest value per silence id, a null value
+    deletes it) and one partition, so its few messages keep one order whatever ``partitions`` says."""
     names = list(names) if names is not None else settings.topics.all()
     admin = AdminClient(settings.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     result = {n: "exists" for n in names if n in existing}
-    todo = [NewTopic(n, num_partitions=partitions or settings.partitions,
-                     replication_factor=settings.replication_factor) for n in names if n not in existing]
+    table = {settings.topics.silences}
+    todo = [NewTopic(n, num_partitions=1 if n in table else partitions or settings.partitions,
+                     replication_factor=settings.replication_factor,
+                     config={"cleanup.policy": "compact"} if n in table else {})
+            for n in names if n not in existing]
     if not todo:
         return result
     for name, fut in admin.create_topics(todo, operation_timeout=timeout, request_timeout=timeout).items():

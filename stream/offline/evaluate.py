@@ -23,7 +23,8 @@ from fabwatch.stream.engine import ScoringEngine, run_offline
 from fabwatch.stream.offline.files import Records
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.offline.replay import load_records
-from fabwatch.stream.schemas import Alert
+from fabwatch.stream.schemas import Alert, Silence
+from fabwatch.stream.silences import SilenceGate, SilenceSet
 from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
 
 
@@ -75,9 +76,10 @@ def _carry_forward(score: np.ndarray, entity: Sequence[str]) -> np.ndarray:
 def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, fmt: str | None = None,
                   entity_col: str | None = None, ts_col: str | None = None, features: Sequence[str] | None = None,
                   entity: str | None = None, skip_rows: int = 0, stride: int = 1, policy: PolicyConfig | None = None,
-                  providers: Sequence[str] | None = None) -> Evaluation:
+                  providers: Sequence[str] | None = None, silences: Sequence[Silence] | None = None) -> Evaluation:
     """Score ``data`` with the registry's current model. ``features`` is there so `train`'s column options can be
-    passed as they are: the model reads the features it was trained on, by name."""
+    passed as they are: the model reads the features it was trained on, by name. ``silences``: the alerts they
+    cover are dropped as the processor drops them, before ``pred`` and the metrics see them."""
     model = ScoringModel.from_registry(registry, providers=providers)
     manifest = model.manifest
     if manifest.thresholds is None:
@@ -93,6 +95,9 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
     start = time.perf_counter()
     alerts, score_cols, status = run_offline(engine, records.entity, records.ts, records.values.astype(np.float32))
     seconds = time.perf_counter() - start
+    silenced: list[Alert] = []
+    if silences is not None:
+        alerts, silenced = SilenceGate(SilenceSet(silences)).apply(alerts)
 
     score = np.full(len(records.ts), np.nan, np.float32)
     for cols in score_cols:
@@ -107,6 +112,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
                      "rows_late": int(np.count_nonzero(status == LATE)),
                      "rows_conflicting_duplicate": int(np.count_nonzero(status == CONFLICT)),
                      "alerts_opened": sum(a.state == "open" for a in alerts),
+                     **({"alerts_silenced": len(silenced)} if silences is not None else {}),
                      "model_version": manifest.version, "threshold": manifest.thresholds.alert,
                      "readings_per_s": round(len(records.ts) / seconds) if seconds > 0 else None}
     if records.label is not None:
