@@ -26,6 +26,7 @@ class ScoreColumns:
     score: np.ndarray        # float32 [m]
     window_end_ts: np.ndarray
     model_version: str
+    entity: list[str]        # [m]
 
 
 @dataclass
@@ -108,7 +109,7 @@ class ScoringEngine:
             chunk = ScoredWindows(entities[lo:hi], res.window_start_ts[lo:hi], end_ts[lo:hi], res.windows[lo:hi],
                                   part[lo:hi], offs[lo:hi], ingest[lo:hi], topic)
             alerts.extend(self.policy.evaluate(chunk, out, clock_ms() if clock_ms else None))
-        return EngineResult(alerts, res.status, ScoreColumns(idx, scores, end_ts, self.version), timings, sizes)
+        return EngineResult(alerts, res.status, ScoreColumns(idx, scores, end_ts, self.version, entities), timings, sizes)
 
     def drop_partitions(self, partitions: Sequence[int]) -> None:
         """Forget the keys of revoked partitions (windows and alert state)."""

@@ -235,7 +235,7 @@ class Processor(StopOnSignal):
         result = self.engine.process(cols.keys, cols.ts, cols.values, partitions=partitions[cols.index],
                                      offsets=offsets[cols.index], ingest_ms=ingest, topic=self.topics.sensors,
                                      clock_ms=lambda: time.time() * 1000.0)
-        result.alerts, silenced = self.silences.apply(result.alerts)
+        result.alerts, silenced = self.silences.apply(result.alerts, [result.scores])
         for a in silenced:
             self.metrics.silenced.labels(state=a.state).inc()
         for p in np.unique(partitions).tolist():

@@ -8,14 +8,16 @@ The rule (``SilenceGate.apply``), per entity, in window order:
   the offline evaluator decide as the live processor did (given the same silences).
 - A **close** is silenced when, and only when, its open was: the pair stays together. The close of an
   alert opened before the silence is published even during it, so receivers do not keep it open.
-- The alert policy is not touched: scoring and its hysteresis go on, only publication is held back. An
-  alert opened during a silence and still open when the silence ends stays unpublished until its close
-  (silenced too): the policy opens nothing new while it is open. End a silence early
-  (``fabwatch silence remove``) only affects alerts opened after.
+- An alert opened during a silence and **still open when it lapses** (its entity scores a window that no
+  silence covers: ``until`` passed, or the silence was removed) is published then, as the policy made it
+  (its own id, window and score), and its close after it: a fault that outlasts the maintenance is
+  announced, as Alertmanager does when a silence expires over a firing alert.
+- The alert policy is not touched: scoring and its hysteresis go on, only publication is held back.
 
 Silenced alerts are dropped (``drop``, the default) or published with ``silence_id`` set (``mark``), and
 counted either way. Which open was silenced lives in memory (``SilenceGate.muted``): after a restart or a
-rebalance the close of a silenced open is published on its own.
+rebalance the close of a silenced open is published on its own, and an open that outlasts its silence is
+not announced.
 
 On the wire the silences are a compacted topic keyed by silence id (``SilenceFeed`` follows it); offline,
 a JSON or JSONL file of the same ``Silence`` messages (``load_silences``).
@@ -27,15 +29,19 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
+
+import numpy as np
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
 from fabwatch.export.errors import UsageError
+from fabwatch.stream.engine import ScoreColumns
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import Alert, Rejected, Silence, decode_silence, parse_timestamp_ms
@@ -87,14 +93,17 @@ class SilenceGate:
     def __init__(self, silences: SilenceSet | None = None, mode: SilencedAlerts = "drop"):
         self.silences = silences if silences is not None else SilenceSet()
         self.mode = mode
-        self.muted: dict[str, tuple[str, int]] = {}  # entity -> (silence id, partition) of its silenced open
+        self.muted: dict[str, _Held] = {}  # entity -> its silenced open, while that alert is open
 
-    def apply(self, alerts: Sequence[Alert]) -> tuple[list[Alert], list[Alert]]:
+    def apply(self, alerts: Sequence[Alert], scored: Sequence[ScoreColumns] = ()) -> tuple[list[Alert], list[Alert]]:
         """(the alerts to publish, the ones silenced); in ``mark`` mode the silenced ones are published too,
-        with ``silence_id`` set."""
+        with ``silence_id`` set. ``scored``: every window the alerts came from, which is how an alert still
+        open when its silence lapses is found (and published then)."""
+        ends = _WindowEnds(scored)
         publish: list[Alert] = []
         silenced: list[Alert] = []
         for a in alerts:
+            self._release_before(a.entity, a.window_end_ts, ends, publish)
             if a.state == "open":
                 s = self.silences.covering(a.entity, a.window_end_ts)
                 if s is None:
@@ -102,25 +111,69 @@ class SilenceGate:
                     publish.append(a)
                     continue
                 silence_id = s.id
-                self.muted[a.entity] = silence_id, a.source.partition if a.source is not None else -1
+                self.muted[a.entity] = _Held(a, silence_id, a.source.partition if a.source is not None else -1)
             else:
-                muted = self.muted.pop(a.entity, None)
-                if muted is None:
+                held = self.muted.pop(a.entity, None)
+                if held is None:
                     publish.append(a)
                     continue
-                silence_id = muted[0]
+                silence_id = held.silence_id
             a = a.model_copy(update={"silence_id": silence_id})
             silenced.append(a)
             if self.mode == "mark":
                 publish.append(a)
+        for entity in list(self.muted):
+            self._release_before(entity, None, ends, publish)
         return publish, silenced
+
+    def _release_before(self, entity: str, before_ts: int | None, ends: "_WindowEnds", publish: list[Alert]) -> None:
+        """Publish ``entity``'s held open, unmarked and with its own id, when a window it scored after that
+        open (and before ``before_ts``) is no longer covered by a silence: the fault outlasted the maintenance."""
+        held = self.muted.get(entity)
+        if held is None:
+            return
+        for ts in ends.of(entity):
+            if before_ts is not None and ts >= before_ts:
+                return
+            if ts > held.open.window_end_ts and self.silences.covering(entity, int(ts)) is None:
+                del self.muted[entity]
+                publish.append(held.open)
+                return
 
     def drop_partitions(self, partitions: Sequence[int]) -> None:
         """Forget the silenced opens of partitions this processor no longer holds (their new owner publishes
         those closes)."""
         gone = set(partitions)
-        for entity in [e for e, (_, p) in self.muted.items() if p in gone]:
+        for entity in [e for e, held in self.muted.items() if held.partition in gone]:
             del self.muted[entity]
+
+
+@dataclass
+class _Held:
+    open: Alert       # as the policy made it (no silence_id)
+    silence_id: str
+    partition: int
+
+
+class _WindowEnds:
+    """A batch's window end times by entity, sorted; grouped only when a held open asks."""
+
+    def __init__(self, scored: Sequence[ScoreColumns]):
+        self._scored = scored
+        self._by_entity: dict[str, np.ndarray] | None = None
+
+    def of(self, entity: str) -> np.ndarray:
+        if self._by_entity is None:
+            keys = np.asarray([k for cols in self._scored for k in cols.entity], dtype=object)
+            ends = np.concatenate([cols.window_end_ts for cols in self._scored] or [_NO_ENDS]).astype(np.int64)
+            uniq, code = np.unique(keys, return_inverse=True)
+            order = np.lexsort((ends, code))
+            starts = np.searchsorted(code[order], np.arange(1, len(uniq)))
+            self._by_entity = dict(zip(uniq.tolist(), np.split(ends[order], starts)))
+        return self._by_entity.get(entity, _NO_ENDS)
+
+
+_NO_ENDS = np.empty(0, np.int64)
 
 
 # ---- files and the command line -------------------------------------------------------------------

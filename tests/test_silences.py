@@ -10,9 +10,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fabwatch.export.errors import UsageError
+from fabwatch.stream.engine import ScoreColumns
 from fabwatch.stream.offline.evaluate import evaluate_file
 from fabwatch.stream.schemas import Alert, SourceOffset, Silence, alert_id_for
 from fabwatch.stream.silences import SilenceGate, SilenceSet, load_silences, parse_time_ms
@@ -52,6 +54,35 @@ def test_an_open_in_the_silence_is_held_back_with_its_close_and_others_flow() ->
     assert ids(published) == [("A", 5, "open"), ("A", 12, "closed"), ("B", 14, "open"), ("A", 20, "open")]
     assert ids(silenced) == [("A", 14, "open"), ("A", 25, "closed")]
     assert {a.silence_id for a in silenced} == {"s1"} and all(a.silence_id is None for a in published)
+
+
+def scored(entity: str, *hours: int) -> ScoreColumns:
+    """The windows a batch scored for ``entity``, ending at those hours."""
+    ends = np.asarray([h * H for h in hours], np.int64)
+    return ScoreColumns(np.arange(len(ends)), np.zeros(len(ends), np.float32), ends, "v1", [entity] * len(ends))
+
+
+def test_an_alert_still_open_when_its_silence_lapses_is_published_then_with_its_close() -> None:
+    gate = SilenceGate(SilenceSet([silence(starts=10 * H, until=20 * H)]))
+    published, silenced = gate.apply([alert("A", 14 * H)], [scored("A", 14, 16, 19)])
+    assert published == [] and ids(silenced) == [("A", 14, "open")]
+    # the fault outlasts the maintenance: at A's first window past `until` its open goes out, as made
+    published, silenced = gate.apply([alert("A", 25 * H, "closed")], [scored("A", 20, 21, 25)])
+    assert ids(published) == [("A", 14, "open"), ("A", 25, "closed")] and silenced == []
+    assert published[0].silence_id is None and published[0].alert_id == alert("A", 14 * H).alert_id
+
+    # closed inside the silence: the pair stays held back, however many windows come after
+    gate = SilenceGate(SilenceSet([silence(starts=10 * H, until=20 * H)]))
+    published, silenced = gate.apply([alert("A", 12 * H), alert("A", 18 * H, "closed")], [scored("A", 12, 18, 21, 30)])
+    assert published == [] and ids(silenced) == [("A", 12, "open"), ("A", 18, "closed")]
+
+    # a silence removed early releases at the entity's next window
+    silences = SilenceSet([silence(starts=10 * H, until=20 * H)])
+    gate = SilenceGate(silences)
+    gate.apply([alert("A", 11 * H)], [scored("A", 11)])
+    silences.remove("s1")
+    published, _ = gate.apply([], [scored("B", 12), scored("A", 13)])
+    assert ids(published) == [("A", 11, "open")]
 
 
 def test_globs_match_case_sensitively_and_the_first_silence_by_id_names_it() -> None:

@@ -97,7 +97,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
     seconds = time.perf_counter() - start
     silenced: list[Alert] = []
     if silences is not None:
-        alerts, silenced = SilenceGate(SilenceSet(silences)).apply(alerts)
+        alerts, silenced = SilenceGate(SilenceSet(silences)).apply(alerts, score_cols)
 
     score = np.full(len(records.ts), np.nan, np.float32)
     for cols in score_cols:
