@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from fabwatch.export.registry import Thresholds
+from fabwatch.export.registry import KeyThresholds, Thresholds
 from fabwatch.models.training.data import Task
 
 CLOSE_RATIO = 0.8        # hysteresis: an open alert closes below 80 % of the alert threshold
@@ -63,6 +63,45 @@ def monitor_thresholds(scores: np.ndarray, y: np.ndarray | None) -> Thresholds:
     return Thresholds(alert=1.0, close=CLOSE_RATIO, critical=1.0 + CRITICAL_Z * cal["std"],
                       method="statistical monitor: limits at the 0.999 quantile of 5-fold out-of-fold training "
                              "windows, times a split-half margin for drift; alert at ratio 1")
+
+
+MIN_KEY_WINDOWS = 200   # default --threshold-min-windows: a 0.99 quantile of fewer windows rests on one or two of them
+KEY_MONITOR_QUANTILE = 0.999  # a key's monitor threshold: this quantile of its normal validation scores, as the
+                              # monitor's own limits (0.999 of its training windows)
+
+
+def key_monitor_thresholds(scores: np.ndarray, y: np.ndarray | None) -> Thresholds:
+    """One key's figures for the statistical monitor: the ``KEY_MONITOR_QUANTILE`` of its normal validation scores,
+    never below the monitor's limit (ratio 1). Raise-only: a quiet key's quantile of a few hundred overlapping
+    windows underestimates its tail, and the monitor's limit is already set on far more windows."""
+    normal = normal_mask("forecast", len(scores), y)
+    cal = calibration(scores, normal)
+    alert = max(1.0, float(np.quantile(scores[normal] if normal.any() else scores, KEY_MONITOR_QUANTILE)))
+    return Thresholds(alert=alert, close=CLOSE_RATIO * alert, critical=alert + CRITICAL_Z * cal["std"],
+                      method=f"q{KEY_MONITOR_QUANTILE:g} of its normal validation score, at least the monitor's limit")
+
+
+def thresholds_by_key(task: Task, scores: np.ndarray, y: np.ndarray | None, keys: np.ndarray, pooled: Thresholds, *,
+                      source: str, min_windows: int = MIN_KEY_WINDOWS, monitor: bool = False,
+                      target_far: float | None = None, delay_alert_min: float = 5.0) -> dict[str, KeyThresholds]:
+    """Figures per key (entity or group) of the validation windows, ``keys[i]`` the key of window ``i``.
+
+    A key with at least ``min_windows`` windows gets the pooled rule applied to its own windows
+    (``choose_thresholds``, or ``key_monitor_thresholds`` for the monitor), with ``source`` (entity or group);
+    one with fewer gets the pooled figures (source pooled): a threshold from a handful of windows would be noise.
+    """
+    out: dict[str, KeyThresholds] = {}
+    for key in np.unique(keys).tolist():
+        mine = keys == key
+        n = int(mine.sum())
+        if n < min_windows:
+            out[str(key)] = KeyThresholds(**pooled.model_dump(), n_windows=n, source="pooled")
+            continue
+        s, yk = scores[mine], None if y is None else y[mine]
+        figures = key_monitor_thresholds(s, yk) if monitor else choose_thresholds(
+            task, s, yk, target_far=target_far, delay_alert_min=delay_alert_min)
+        out[str(key)] = KeyThresholds(**figures.model_dump(), n_windows=n, source=source)
+    return out
 
 
 def score_metrics(task: Task, scores: np.ndarray, y: np.ndarray | None, thresholds: Thresholds,
