@@ -20,6 +20,7 @@ from onnx_fixtures import add_version, feature_names
 from stream_helpers import replay_and_serve
 
 POOLED = Thresholds(alert=3.0, close=2.4, critical=5.0, method="pooled")
+MONITOR = Thresholds(alert=1.0, close=0.8, critical=1.5, method="statistical monitor")
 
 
 def test_each_key_with_enough_windows_gets_its_own_threshold_and_short_ones_the_pooled() -> None:
@@ -36,6 +37,20 @@ def test_each_key_with_enough_windows_gets_its_own_threshold_and_short_ones_the_
     assert noisy.alert > 2.5 * quiet.alert
     assert noisy.close == pytest.approx(calibrate.CLOSE_RATIO * noisy.alert)
     assert (short.alert, short.close, short.critical) == (POOLED.alert, POOLED.close, POOLED.critical)
+    assert short.method == "pooled: 50 validation windows, fewer than 200"
+
+
+def test_best_f1_keys_need_events_of_their_own() -> None:
+    rng = np.random.default_rng(3)
+    scores, y = rng.uniform(0, 0.6, 600), np.zeros(600, np.float32)
+    scores[:30], y[:30] = rng.uniform(0.5, 1.0, 30), 1.0  # key "a" has events, key "b" none
+    keys = np.repeat(["a", "b"], 300)
+    figures = calibrate.thresholds_by_key("classify", scores, y, keys, POOLED, source="group")
+    assert figures["a"].source == "group" and "best F1" in figures["a"].method
+    assert figures["b"].source == "pooled" and figures["b"].alert == POOLED.alert
+    # with a false-alarm target the rule needs normal windows only
+    far = calibrate.thresholds_by_key("classify", scores, y, keys, POOLED, source="group", target_far=0.01)
+    assert far["b"].source == "group" and far["b"].alert == pytest.approx(np.quantile(scores[300:], 0.99))
 
 
 def test_labelled_event_windows_do_not_raise_a_keys_threshold() -> None:
@@ -51,8 +66,8 @@ def test_monitor_keys_only_ever_raise_the_monitors_limit() -> None:
     rng = np.random.default_rng(2)
     scores = np.concatenate([rng.uniform(0.0, 0.5, 300), rng.uniform(0.5, 2.0, 300)])
     keys = np.repeat(["quiet", "noisy"], 300)
-    figures = calibrate.thresholds_by_key("forecast", scores, None, keys, POOLED, source="entity", monitor=True)
-    assert figures["quiet"].alert == 1.0
+    figures = calibrate.thresholds_by_key("forecast", scores, None, keys, MONITOR, source="entity", monitor=True)
+    assert figures["quiet"].alert == 1.0 and figures["quiet"].source == "entity"
     assert figures["noisy"].alert == pytest.approx(np.quantile(scores[300:], calibrate.KEY_MONITOR_QUANTILE))
 
 
@@ -149,6 +164,52 @@ def test_per_entity_thresholds_change_which_entities_alert(tmp_path: Path, noisy
     assert ev.metrics["thresholds_by"] == "entity" and ev.figures(NOISY).alert == 10.0
 
 
+def _recording(seed: int, steps: int, events: dict[str, tuple[int, float]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Entities, timestamps and values (time-major) of the quiet and noisy entities; ``events[entity]`` is
+    (step, size in scaler std) of a spike on feature 0."""
+    rng = np.random.default_rng(seed)
+    entities = [*QUIET, NOISY]
+    noise = rng.standard_normal((steps, len(entities), N_FEATURES))
+    noise[:, 2] *= 3.0
+    for e, (step, size) in events.items():
+        noise[step, entities.index(e), 0] = size
+    values = (10.0 + 2.0 * noise).astype(np.float32)
+    keys = [e for _ in range(steps) for e in entities]
+    ts = np.repeat(1_700_000_000_000 + np.arange(steps, dtype=np.int64) * 1000, len(entities))
+    return keys, ts, values.reshape(-1, N_FEATURES)
+
+
+def test_per_entity_monitor_thresholds_silence_the_noisy_entity_and_still_catch_events(tmp_path: Path) -> None:
+    """Calibrated as `train` calibrates a forecast model (the statistical monitor's raise-only rule per entity,
+    on clean validation scores): the pooled threshold sits in the noisy entity's tail, so its normal readings
+    cross it; its own threshold does not stop a real event, and the quiet entities keep the pooled one."""
+    from fabwatch.export.runtime import ScoringModel
+    from fabwatch.stream.engine import ScoringEngine, run_offline
+
+    base = tmp_path / "base"
+    add_version(base, N_FEATURES, window=30)
+    keys, ts, values = _recording(seed=11, steps=1200, events={})  # clean history: the validation data
+    _, cols, _ = run_offline(ScoringEngine(ScoringModel.from_registry(base)), keys, ts, values)
+    score = np.concatenate([c.score for c in cols])
+    window_keys = np.asarray(keys, dtype=object)[np.concatenate([c.index for c in cols])].astype(str)
+    pooled = calibrate.choose_thresholds("forecast", score, None)
+    by = ThresholdsBy(by="entity", min_windows=200, keys=calibrate.thresholds_by_key(
+        "forecast", score, None, window_keys, pooled, source="entity", monitor=True))
+    assert by.keys[NOISY].alert > pooled.alert == by.keys[QUIET[0]].alert
+
+    def opened(thresholds_by: ThresholdsBy | None) -> dict[str, list[int]]:
+        registry = tmp_path / ("per-entity" if thresholds_by else "pooled")
+        add_version(registry, N_FEATURES, window=30, alert=pooled.alert, close=pooled.close,
+                    critical=pooled.critical, thresholds_by=thresholds_by)
+        keys, ts, values = _recording(seed=12, steps=600, events={QUIET[0]: (300, 12.0), NOISY: (400, 40.0)})
+        alerts, _, _ = run_offline(ScoringEngine(ScoringModel.from_registry(registry)), keys, ts, values)
+        return {e: [(t - 1_700_000_000_000) // 1000 for t in at] for e, at in _opened(alerts).items()}
+
+    pooled_opened = opened(None)
+    assert [s for s in pooled_opened[NOISY] if s != 400] and 400 in pooled_opened[NOISY]
+    assert opened(by) == {QUIET[0]: [300], NOISY: [400]}
+
+
 @pytest.mark.integration
 def test_processor_and_evaluate_agree_with_per_entity_thresholds(settings: Settings, tmp_path: Path,
                                                                  noisy_data: Path) -> None:
@@ -160,3 +221,69 @@ def test_processor_and_evaluate_agree_with_per_entity_thresholds(settings: Setti
 
     live = replay_and_serve(settings, noisy_data, registry, "thresholds-by", len(offline), tmp_path / "serve.log")
     assert live == {a.alert_id for a in offline}
+
+
+def test_train_refuses_a_bad_threshold_by_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    n = 400
+    path = _write_csv(tmp_path / "d.csv", {"entity": ["a"] * n, "ts": list(range(n)),
+                                           "x": np.random.default_rng(0).normal(size=n).tolist()})
+    for value, says in (("zone", "--threshold-by takes entity or group:COLUMN, not 'zone'"),
+                        ("group:zone", "--threshold-by group:zone: no column 'zone' in the file")):
+        proc = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "train", "--data", str(path),
+                               "--registry", str(tmp_path / "reg"), "--unsupervised", "--quick", "--window", "20",
+                               "--threshold-by", value], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and says in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_training_records_group_thresholds_with_a_pooled_fallback(trained) -> None:
+    """`train`'s calibration on the exported graph, ``--threshold-by group:COLUMN`` with the map a retrain
+    passes: a group with enough validation windows gets its own figures, a small one the pooled."""
+    from fabwatch.models.training.train import TrainConfig, calibrate_on
+
+    result, registry = trained
+    cfg = TrainConfig.model_validate(result.manifest.extra["config"])
+    table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window)
+    split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1)
+    names = table.entity_names
+    groups = {**{e: "big" for e in names[:4]}, names[4]: "small"}  # names[5]: no group
+    per_entity = len(split.val.x) // len(names)
+    cfg = cfg.model_copy(update={"threshold_by": "group:line", "threshold_min_windows": 2 * per_entity})
+    manifest = result.manifest.model_copy(deep=True)
+    calibrate_on(registry.version_dir(result.version) / "model.onnx", manifest, split=split, cfg=cfg, groups=groups)
+
+    by = manifest.thresholds_by
+    assert (by.by, by.min_windows, by.groups) == ("group:line", 2 * per_entity, groups)
+    assert set(by.keys) == {"big", "small"}
+    assert by.keys["big"].n_windows == int(np.isin(split.val_entity, names[:4]).sum())
+    assert by.keys["big"].source == "group" and "best F1" in by.keys["big"].method
+    assert by.keys["small"].source == "pooled" and by.keys["small"].alert == manifest.thresholds.alert
+    assert by.for_entity(names[0]) == by.keys["big"] and by.for_entity(names[5]) is None
+
+
+def test_a_retrain_keeps_the_serving_models_threshold_by(tmp_path: Path) -> None:
+    """The sidecar trainer passes the serving manifest's option and group map to the candidate's training
+    (its store has no group column). No broker: the candidate's training is stopped where it would start."""
+    from fabwatch.models.sidecar.store import ReadingStore
+    from fabwatch.models.sidecar.trainer import Trainer, TrainerOptions
+    from fabwatch.models.training.train import TrainConfig
+
+    by = ThresholdsBy(by="group:line", min_windows=50, groups={"Q-1": "L1", "N-1": "L2"})
+    add_version(tmp_path / "registry", N_FEATURES, window=30, task="forecast", thresholds_by=by)
+    keys, ts, values = _recording(seed=3, steps=200, events={})
+    ReadingStore(tmp_path / "store", feature_names(N_FEATURES)).write(keys, ts, values, np.full(len(ts), -1))
+    seen: list[TrainConfig] = []
+
+    class Probe(Trainer):
+        def train_candidate(self, overrides: dict) -> tuple[str, float]:
+            seen.append(TrainConfig.quick(**overrides))
+            raise UsageError("stopped before training")
+
+    record = Probe(Settings(), TrainerOptions(registry=tmp_path / "registry", store=tmp_path / "store",
+                                              quick=True)).retrain_once()
+    assert record["decision"] == "skipped" and len(seen) == 1
+    assert (seen[0].threshold_by, seen[0].threshold_min_windows, seen[0].entity_groups) == (
+        "group:line", 50, {"Q-1": "L1", "N-1": "L2"})

@@ -94,6 +94,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     _choice(size, SIZES, "--size")
     if unsupervised and task not in (None, "forecast"):
         raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
+    if threshold_by is not None and threshold_by != "entity" and not threshold_by.startswith("group:"):
+        raise UsageError(f"--threshold-by takes entity or group:COLUMN, not {threshold_by!r}")
     _log_to_stderr()
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
