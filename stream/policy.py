@@ -1,11 +1,11 @@
 """Alert policy: turns window scores into open / closed alerts, deterministically.
 
 Hysteresis: an alert opens when the score reaches ``thresholds.alert`` for ``min_consecutive``
-windows in a row and closes when it drops below ``thresholds.close``. A manifest with ``thresholds_by``
-gives each entity it knows its own figures (``train --threshold-by``); every other entity uses the pooled ones. After a close, a key stays
-quiet for ``cooldown_ms`` of event time. Every decision depends only on the scored windows and their
-timestamps (event time, never the wall clock), so a replay, a restart or the offline evaluator reach
-the same decisions and the same ``alert_id``s.
+windows in a row and closes when it drops below ``thresholds.close``; with ``thresholds_by`` in the
+manifest (``train --threshold-by``), an entity it knows uses its own figures, every other the pooled
+ones. After a close, a key stays quiet for ``cooldown_ms`` of event time. Every decision depends only on
+the scored windows and their timestamps (event time, never the wall clock), so a replay, a restart or the
+offline evaluator reach the same decisions and the same ``alert_id``s.
 
 Only keys away from the quiet state carry a ``KeyState``. It travels with the committed offsets
 (``export_state`` / ``import_state``) so a restart resumes an open alert instead of opening a new one:
@@ -242,7 +242,8 @@ class AlertPolicy:
             alert_id=alert_id_for(entity, end_ts, self.manifest.version, state),
             entity=entity, kind=self._kind(out, i), score=round(s, 6),
             threshold=figures.alert if state == "open" else figures.close,
-            severity=self._severity(s, state, figures.critical), window_start_ts=int(batch.window_start_ts[i]), window_end_ts=end_ts,
+            severity=self._severity(s, state, figures.critical), window_start_ts=int(batch.window_start_ts[i]),
+            window_end_ts=end_ts,
             model_version=self.manifest.version,
             model_scores={m: round(float(v), 6) for m, v in zip(members, out.member_scores[i])},
             weights={m: round(float(v), 6) for m, v in zip(members, out.weights[i])},

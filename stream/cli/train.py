@@ -120,11 +120,13 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
                "thresholds_by": m.thresholds_by.model_dump() if m.thresholds_by else None,
                "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
                "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
-    auc = m.metrics.get("roc_auc")
+    auc, by = m.metrics.get("roc_auc"), m.thresholds_by
+    own = (f"thresholds by {by.by}: {sum(k.source != 'pooled' for k in by.keys.values())} of {len(by.keys)} have "
+           f"their own, the rest the pooled one\n" if by else "")
     emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
                             f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
                             + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}\n"
-                            + f"quality: {m.metrics['quality']['reason']}")
+                            + own + f"quality: {m.metrics['quality']['reason']}")
 
 
 def export(registry: RegistryOpt,
