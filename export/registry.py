@@ -66,6 +66,34 @@ class Thresholds(BaseModel):
     method: str = Field(default="", description="how the threshold was chosen")
 
 
+class KeyThresholds(Thresholds):
+    """The figures one entity or group alerts at, and where they come from."""
+
+    n_windows: int = Field(description="validation windows of this entity or group")
+    source: Literal["entity", "group", "pooled"] = Field(
+        description="calibrated on its own windows, or the pooled figures (fewer than min_windows)")
+
+
+class ThresholdsBy(BaseModel):
+    """Thresholds calibrated per entity or per group of entities (``train --threshold-by``).
+
+    An entity alerts at ``keys[entity]`` (``by="entity"``) or ``keys[groups[entity]]`` (``by="group:COLUMN"``);
+    an entity or group missing here, such as an entity first seen at serve time, alerts at the pooled
+    ``Manifest.thresholds``. A retrain of the sidecar trainer reuses ``by``, ``min_windows`` and ``groups``.
+    """
+
+    by: str = Field(pattern=r"^(entity|group:.+)$", description="entity, or group:COLUMN")
+    min_windows: int = Field(ge=1, description="validation windows a key needs for its own figures")
+    groups: dict[str, str] = Field(default_factory=dict, description="entity -> group (group:COLUMN only), "
+                                   "from COLUMN of the training data")
+    keys: dict[str, KeyThresholds] = Field(default_factory=dict, description="entity or group -> its figures")
+
+    def for_entity(self, entity: str) -> KeyThresholds | None:
+        """The figures ``entity`` alerts at; None: the pooled ones."""
+        key = entity if self.by == "entity" else self.groups.get(entity)
+        return None if key is None else self.keys.get(key)
+
+
 class Manifest(BaseModel):
     version: str
     created: str
@@ -74,6 +102,8 @@ class Manifest(BaseModel):
     window: int = 100
     scaler: Scaler | None = None
     thresholds: Thresholds | None = None
+    thresholds_by: ThresholdsBy | None = Field(default=None, description="per-entity or per-group thresholds; "
+                                               "``thresholds`` are the pooled ones, for every entity not in it")
     calibration: dict[str, float] = Field(default_factory=dict, description="score -> z: mean and std on normal validation data")
     members: list[str] = Field(default_factory=list)
     inputs: dict[str, list[Any]] = Field(default_factory=dict, description="ONNX input names and shapes")

@@ -1,10 +1,11 @@
 """Alert policy: turns window scores into open / closed alerts, deterministically.
 
 Hysteresis: an alert opens when the score reaches ``thresholds.alert`` for ``min_consecutive``
-windows in a row and closes when it drops below ``thresholds.close``. After a close, a key stays
-quiet for ``cooldown_ms`` of event time. Every decision depends only on the scored windows and their
-timestamps (event time, never the wall clock), so a replay, a restart or the offline evaluator reach
-the same decisions and the same ``alert_id``s.
+windows in a row and closes when it drops below ``thresholds.close``; with ``thresholds_by`` in the
+manifest (``train --threshold-by``), an entity it knows uses its own figures, every other the pooled
+ones. After a close, a key stays quiet for ``cooldown_ms`` of event time. Every decision depends only on
+the scored windows and their timestamps (event time, never the wall clock), so a replay, a restart or the
+offline evaluator reach the same decisions and the same ``alert_id``s.
 
 Only keys away from the quiet state carry a ``KeyState``. It travels with the committed offsets
 (``export_state`` / ``import_state``) so a restart resumes an open alert instead of opening a new one:
@@ -51,6 +52,15 @@ class PolicyConfig:
     min_consecutive: int = 1
     cooldown_ms: int = 0
     top_k: int = 3
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The thresholds one entity alerts at (``Thresholds`` without its description)."""
+
+    alert: float
+    close: float
+    critical: float | None
 
 
 @dataclass
@@ -113,9 +123,11 @@ class AlertPolicy:
         if manifest.thresholds is None:
             raise ValueError(f"model {manifest.version} has no thresholds in its manifest: cannot alert")
         self.manifest = manifest
-        self.alert_thr = float(manifest.thresholds.alert)
-        self.close_thr = float(manifest.thresholds.close)
-        self.critical_thr = manifest.thresholds.critical
+        self.pooled = Figures(manifest.thresholds.alert, manifest.thresholds.close, manifest.thresholds.critical)
+        by = manifest.thresholds_by
+        known = (by.keys if by.by == "entity" else by.groups) if by is not None else {}
+        self.by_entity = {e: Figures(t.alert, t.close, t.critical) for e in known
+                          if (t := by.for_entity(e)) is not None}
         self.members = list(manifest.members)
         self.spike_member = next((i for i, m in enumerate(self.members) if "spike" in m.lower()), None)
         self.delay_task = manifest.task == "regress" or manifest.extra.get("target") == "delay"
@@ -134,7 +146,7 @@ class AlertPolicy:
         for p in np.unique(batch.partition).tolist():
             newest = int(end_min[batch.partition == p].max())
             self._clock_min[p] = max(newest, self._clock_min.get(p, newest))
-        high = np.flatnonzero(score >= self.alert_thr)
+        high = np.flatnonzero(score >= self._alert_thresholds(batch.entities))
         if not states and not len(high):
             return []
         hot = set(states).union(batch.entities[i] for i in high.tolist())
@@ -149,11 +161,12 @@ class AlertPolicy:
                 st = None
             st = st or KeyState(partition=int(batch.partition[i]))
             st.partition, st.last_min = int(batch.partition[i]), int(end_min[i])
+            figures = self.figures(entity)
             if st.open:
-                if s < self.close_thr:
+                if s < figures.close:
                     st.open, st.run, st.closed_at = False, 0, end_ts
                     alerts.append(self._alert(batch, out, i, "closed", now_ms))
-            elif s >= self.alert_thr:
+            elif s >= figures.alert:
                 cooling = st.closed_at >= 0 and end_ts - st.closed_at < cfg.cooldown_ms
                 st.run = 0 if cooling else st.run + 1
                 if st.run >= cfg.min_consecutive:
@@ -170,6 +183,16 @@ class AlertPolicy:
             if after != before:
                 self._exported.pop(st.partition, None)
         return alerts
+
+    def figures(self, entity: str) -> Figures:
+        """The thresholds ``entity`` alerts at: its own, or the pooled ones."""
+        return self.by_entity.get(entity, self.pooled)
+
+    def _alert_thresholds(self, entities: Sequence[str]) -> float | np.ndarray:
+        """The alert threshold of each window (one float when no entity has its own)."""
+        if not self.by_entity:
+            return self.pooled.alert
+        return np.fromiter((self.figures(e).alert for e in entities), dtype=np.float64, count=len(entities))
 
     def _expired(self, st: KeyState, now_min: int) -> bool:
         return self.ttl_ms is not None and (now_min - st.last_min) * MINUTE_MS > self.ttl_ms
@@ -191,10 +214,10 @@ class AlertPolicy:
                 return "spike"
         return "anomaly"
 
-    def _severity(self, s: float, state: str) -> str:
+    def _severity(self, s: float, state: str, critical: float | None) -> str:
         if state == "closed":
             return "info"
-        return "critical" if self.critical_thr is not None and s >= self.critical_thr else "warning"
+        return "critical" if critical is not None and s >= critical else "warning"
 
     def top_features(self, window: np.ndarray, feature_error: np.ndarray | None) -> list[FeatureContribution]:
         """Forecast models: per-feature error; otherwise the largest standardised deviations of the last step."""
@@ -214,11 +237,13 @@ class AlertPolicy:
             [f"m{j}" for j in range(out.member_scores.shape[1])]
         ingest = float(batch.ingest_ms[i])
         fe = out.feature_error[i] if out.feature_error is not None else None
+        figures = self.figures(entity)
         return Alert(
             alert_id=alert_id_for(entity, end_ts, self.manifest.version, state),
             entity=entity, kind=self._kind(out, i), score=round(s, 6),
-            threshold=self.alert_thr if state == "open" else self.close_thr,
-            severity=self._severity(s, state), window_start_ts=int(batch.window_start_ts[i]), window_end_ts=end_ts,
+            threshold=figures.alert if state == "open" else figures.close,
+            severity=self._severity(s, state, figures.critical), window_start_ts=int(batch.window_start_ts[i]),
+            window_end_ts=end_ts,
             model_version=self.manifest.version,
             model_scores={m: round(float(v), 6) for m, v in zip(members, out.member_scores[i])},
             weights={m: round(float(v), 6) for m, v in zip(members, out.weights[i])},

@@ -332,6 +332,10 @@ class Trainer:
                              size=serving.extra.get("size", "full"))
             if opts.epochs:
                 overrides["epochs"] = opts.epochs
+            if serving.thresholds_by is not None:  # per-entity thresholds carry over; the store has no group column
+                by = serving.thresholds_by
+                overrides |= dict(threshold_by=by.by, threshold_min_windows=by.min_windows,
+                                  entity_groups=None if by.by == "entity" else by.groups)
             try:
                 candidate_version, train_seconds = self.train_candidate(overrides)
             except UsageError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
-from fabwatch.export.registry import Thresholds
+from fabwatch.export.registry import KeyThresholds, Thresholds
 from fabwatch.models.training.data import Task
 
 CLOSE_RATIO = 0.8        # hysteresis: an open alert closes below 80 % of the alert threshold
@@ -63,6 +63,53 @@ def monitor_thresholds(scores: np.ndarray, y: np.ndarray | None) -> Thresholds:
     return Thresholds(alert=1.0, close=CLOSE_RATIO, critical=1.0 + CRITICAL_Z * cal["std"],
                       method="statistical monitor: limits at the 0.999 quantile of 5-fold out-of-fold training "
                              "windows, times a split-half margin for drift; alert at ratio 1")
+
+
+MIN_KEY_WINDOWS = 200   # default --threshold-min-windows: a 0.99 quantile of fewer windows rests on one or two of them
+KEY_MONITOR_QUANTILE = 0.999  # a key's monitor threshold: this quantile of its normal validation scores, as the
+                              # monitor's own limits (0.999 of its training windows)
+
+
+def key_monitor_thresholds(scores: np.ndarray, y: np.ndarray | None, pooled_alert: float) -> Thresholds:
+    """One key's figures for the statistical monitor: the ``KEY_MONITOR_QUANTILE`` of its normal validation
+    scores, never below the pooled limit. Raise-only: the monitor's limit is set on far more windows than one
+    key's validation holds, and the top quantile of a few hundred overlapping windows underestimates a quiet key's
+    tail; a noisy key, whose normal windows cross the pooled limit, is what per-key figures are for here."""
+    normal = normal_mask("forecast", len(scores), y)
+    cal = calibration(scores, normal)
+    alert = max(pooled_alert, float(np.quantile(scores[normal] if normal.any() else scores, KEY_MONITOR_QUANTILE)))
+    return Thresholds(alert=alert, close=CLOSE_RATIO * alert, critical=alert + CRITICAL_Z * cal["std"],
+                      method=f"q{KEY_MONITOR_QUANTILE:g} of its normal validation score, at least the pooled limit")
+
+
+def thresholds_by_key(task: Task, scores: np.ndarray, y: np.ndarray | None, keys: np.ndarray, pooled: Thresholds, *,
+                      source: str, min_windows: int = MIN_KEY_WINDOWS, monitor: bool = False,
+                      target_far: float | None = None, delay_alert_min: float = 5.0) -> dict[str, KeyThresholds]:
+    """Figures per key (entity or group) of the validation windows, ``keys[i]`` the key of window ``i``.
+
+    A key gets the pooled rule applied to its own windows (``choose_thresholds``, or ``key_monitor_thresholds``
+    for the statistical monitor), with ``source`` (entity or group), when it has at least ``min_windows``
+    windows and, where the pooled rule is best F1, both events and normal windows. Otherwise it gets the pooled
+    figures (source pooled, ``method`` says why): a threshold from a handful of windows would be noise, and
+    a key without events has no F1 to maximise.
+    """
+    best_f1 = not monitor and task != "forecast" and target_far is None and y is not None
+    out: dict[str, KeyThresholds] = {}
+    for key in np.unique(keys).tolist():
+        mine = keys == key
+        n = int(mine.sum())
+        s, yk = scores[mine], None if y is None else y[mine]
+        events = 0 if yk is None else int(positives(task, yk, delay_alert_min).sum())
+        why = (f"pooled: {n} validation windows, fewer than {min_windows}" if n < min_windows else
+               "pooled: its validation windows are not both events and normal" if best_f1 and not 0 < events < n
+               else None)
+        if why:
+            out[str(key)] = KeyThresholds(**(pooled.model_dump() | {"method": why}), n_windows=n, source="pooled")
+            continue
+        figures = key_monitor_thresholds(s, yk, pooled.alert) if monitor else choose_thresholds(
+            task, s, yk, target_far=target_far, delay_alert_min=delay_alert_min)
+        out[str(key)] = KeyThresholds(**figures.model_dump(), n_windows=n, source=source)
+    return out
 
 
 def score_metrics(task: Task, scores: np.ndarray, y: np.ndarray | None, thresholds: Thresholds,

@@ -8,7 +8,7 @@ exits with code 2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -33,6 +33,7 @@ class Table:
     entity: np.ndarray          # [N] int codes
     entity_names: list[str]
     fingerprint: str            # sha256 of the source file
+    groups: dict[str, str] | None = None  # entity -> its group (``group_col`` of ``load``)
 
     def entity_bounds(self) -> list[tuple[int, int]]:
         """(start, end) rows of each entity's contiguous, time-ordered run."""
@@ -65,6 +66,7 @@ class Split:
     val: Windows
     scaler: Scaler
     feature_names: list[str]
+    val_entity: np.ndarray      # [len(val.x)] name of each validation window's entity (per-key thresholds)
 
 
 def _numeric(table: pa.Table, name: str) -> np.ndarray:
@@ -98,11 +100,12 @@ def _fill_gaps(x: np.ndarray, entity: np.ndarray) -> np.ndarray:
 
 def load(path: Path | str, features: Sequence[str] | None = None, label_col: str | None = "label",
          task: Task = "classify", nan_tolerance: float = 0.01, window: int = 100, *, ts_col: str | None = None,
-         entity_col: str | None = None, entity: str | None = None) -> Table:
+         entity_col: str | None = None, entity: str | None = None, group_col: str | None = None) -> Table:
     """Read and validate a CSV/Parquet/JSONL file of readings, columns mapped as `evaluate` and `replay` map them.
 
     Stricter than replay: a bad timestamp, entity or feature cell is an error here, not a skipped row; missing
-    feature values up to ``nan_tolerance`` are forward-filled.
+    feature values up to ``nan_tolerance`` are forward-filled. ``group_col`` (never a feature) names each
+    entity's group, one per entity.
     """
     path = Path(path)
     table = read_table(path)
@@ -110,6 +113,8 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
     wanted = label_col if label_col and (task != "forecast" or label_col in table.column_names) else None
     cmap = ColumnMap.resolve(table, entity_col=entity_col, ts_col=ts_col, features=features, label_col=wanted,
                              entity=entity)
+    if group_col is not None and not features and group_col in cmap.features:
+        cmap = replace(cmap, features=[f for f in cmap.features if f != group_col])
     ts, ts_ok = timestamps_ms(table.column(cmap.ts))
     if not ts_ok.all():
         row = int(np.argmin(ts_ok))
@@ -155,7 +160,24 @@ def load(path: Path | str, features: Sequence[str] | None = None, label_col: str
         raise UsageError(f"{path.name} has at most {counts.max(initial=0)} rows per entity, fewer than one window "
                          f"of {window} (training needs {min_rows(window)})")
     return Table(feature_names=cmap.features, x=x.astype(np.float32), y=y, entity=codes,
-                 entity_names=entity_names, fingerprint=sha256_file(path))
+                 entity_names=entity_names, fingerprint=sha256_file(path),
+                 groups=None if group_col is None else _groups(table, group_col, names))
+
+
+def _groups(table: pa.Table, column: str, entities: pa.Array) -> dict[str, str]:
+    """Entity -> the one value ``column`` holds on all its rows."""
+    if column not in table.column_names:
+        raise UsageError(f"--threshold-by group:{column}: no column {column!r} in the file")
+    pairs = pa.table({"entity": entities, "group": table.column(column).cast(pa.string())})
+    if pairs.column("group").null_count:
+        row = int(np.argmax(pairs.column("group").is_null().to_numpy(zero_copy_only=False)))
+        raise UsageError(f"column {column!r} has no group at row {row + 1}")
+    distinct = pairs.group_by("entity").aggregate([("group", "count_distinct"), ("group", "min")])
+    several = [e for e, n in zip(distinct.column("entity").to_pylist(),
+                                 distinct.column("group_count_distinct").to_pylist()) if n > 1]
+    if several:
+        raise UsageError(f"column {column!r} must hold one group per entity; {several[0]!r} has several")
+    return dict(zip(distinct.column("entity").to_pylist(), distinct.column("group_min").to_pylist()))
 
 
 def fit_scaler(x: np.ndarray) -> Scaler:
@@ -224,4 +246,6 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
     tr, va = _concat(train), _concat(val)
     if len(va.x) == 0:
         raise UsageError(f"no validation rows with validation fraction {val_fraction}: raise --val-fraction")
-    return Split(train=tr, val=va, scaler=scaler, feature_names=table.feature_names)
+    val_entity = np.repeat(np.asarray(table.entity_names, dtype=object)[[table.entity[s] for s, _, _ in cuts]],
+                           [len(v.x) for v in val])
+    return Split(train=tr, val=va, scaler=scaler, feature_names=table.feature_names, val_entity=val_entity)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from fabwatch.export.errors import UsageError
 from fabwatch.export.onnx_export import keras_to_onnx, to_fp16
-from fabwatch.export.registry import Manifest, Registry
+from fabwatch.export.registry import Manifest, Registry, Thresholds, ThresholdsBy
 from fabwatch.export.runtime import create_session
 from fabwatch.models.training import calibrate, data
 from fabwatch.models import ensemble
@@ -59,6 +59,12 @@ class TrainConfig(BaseModel):
     nan_tolerance: float = Field(0.01, ge=0, le=1)
     target_far: float | None = Field(None, gt=0, lt=1, description="choose the threshold for this false-alarm rate")
     delay_alert_min: float = Field(5.0, ge=0, description="regress: a delay above this many minutes is an event")
+    threshold_by: str | None = Field(None, pattern=r"^(entity|group:.+)$", description="calibrate thresholds per "
+                                     "entity, or per group of entities named by a column: entity | group:COLUMN")
+    threshold_min_windows: int = Field(calibrate.MIN_KEY_WINDOWS, ge=1, description="validation windows an entity "
+                                       "or group needs for its own threshold (fewer: the pooled one)")
+    entity_groups: dict[str, str] | None = Field(None, description="entity -> group for group:COLUMN, instead of "
+                                                 "reading COLUMN (a retrain reuses the serving model's map)")
     seed: int = 0
     fp16: bool = False
     promote: bool = True
@@ -214,7 +220,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Load, split, fit, export, calibrate on the exported graph, commit (and promote)."""
     started = time.perf_counter()
     table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window,
-                      ts_col=cfg.ts_col, entity_col=cfg.entity_col, entity=cfg.entity)
+                      ts_col=cfg.ts_col, entity_col=cfg.entity_col, entity=cfg.entity,
+                      group_col=_group_column(cfg) if cfg.entity_groups is None else None)
     # supervised: event windows train at a quarter of the stride (short events are rare at a sparse stride)
     split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1,
                        event_stride=None if cfg.task == "forecast" else max(1, cfg.stride // 4))
@@ -224,6 +231,7 @@ def train(cfg: TrainConfig) -> TrainResult:
              cfg.window, len(split.feature_names), ", ".join(split.feature_names))
     target = ((float(split.train.y.mean()), float(split.train.y.std() or 1.0)) if cfg.task == "regress"
               else (0.0, 1.0))
+    groups = cfg.entity_groups if cfg.entity_groups is not None else table.groups
     model, report = fit_ensemble(split, cfg, target)
     extra: dict[str, Any] = {}
     if cfg.task == "forecast":
@@ -236,7 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                "target": {"mean": target[0], "std": target[1]}})
     registry = Registry(cfg.registry)
     version, _ = write_version(model, manifest, registry, fp16=cfg.fp16, promote=False,
-                               calibrate_with=partial(calibrate_on, split=split, cfg=cfg))
+                               calibrate_with=partial(calibrate_on, split=split, cfg=cfg, groups=groups))
     verdict = registry.manifest(version).metrics["quality"]
     promoted = cfg.promote and (verdict["ok"] is not False or cfg.force)
     if promoted:
@@ -267,7 +275,8 @@ def _add_monitor(model: keras.Model, table: data.Table, split: data.Split,
     return model, summary
 
 
-def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg: TrainConfig) -> None:
+def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg: TrainConfig,
+                 groups: dict[str, str] | None = None) -> None:
     """Thresholds, calibration, validation metrics and the quality verdict from the exported graph's own scores."""
     val = split.val
     session = create_session(onnx_path, ["CPUExecutionProvider"])
@@ -287,6 +296,34 @@ def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg:
     manifest.metrics["quality"] = calibrate.quality(cfg.task, split.train.x, split.train.y, val.x, val.y, score,
                                                     cfg.delay_alert_min)
     log.info("validation: %s", {k: round(v, 4) for k, v in manifest.metrics.items() if isinstance(v, float)})
+    if cfg.threshold_by:
+        manifest.thresholds_by = thresholds_by(score, split, cfg, groups, monitor.NAME in manifest.members,
+                                               manifest.thresholds)
+
+
+def _group_column(cfg: TrainConfig) -> str | None:
+    """COLUMN of ``--threshold-by group:COLUMN``."""
+    by = cfg.threshold_by or ""
+    return by.removeprefix("group:") if by.startswith("group:") else None
+
+
+def thresholds_by(score: np.ndarray, split: data.Split, cfg: TrainConfig, groups: dict[str, str] | None,
+                  monitor_model: bool, pooled: Thresholds) -> ThresholdsBy:
+    """Per-entity or per-group figures from the validation scores (``calibrate.thresholds_by_key``). An entity
+    without a group (absent from ``groups``) keeps the pooled figures."""
+    if cfg.threshold_by == "entity":
+        keys, groups, source = split.val_entity, {}, "entity"
+    else:
+        groups = dict(groups or {})
+        keys, source = np.asarray([groups.get(e) for e in split.val_entity], dtype=object), "group"
+    known = np.asarray([k is not None for k in keys], dtype=bool)
+    figures = calibrate.thresholds_by_key(cfg.task, score[known], None if split.val.y is None else split.val.y[known],
+                                          keys[known].astype(str), pooled, source=source,
+                                          min_windows=cfg.threshold_min_windows, monitor=monitor_model,
+                                          target_far=cfg.target_far, delay_alert_min=cfg.delay_alert_min)
+    own = sum(f.source != "pooled" for f in figures.values())
+    log.info("thresholds by %s: %d of %d %ss have their own", cfg.threshold_by, own, len(figures), source)
+    return ThresholdsBy(by=cfg.threshold_by, min_windows=cfg.threshold_min_windows, groups=groups, keys=figures)
 
 
 def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str], cfg: TrainConfig) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fabwatch.export.registry import Manifest, Registry, Scaler, Thresholds
+from fabwatch.export.registry import Manifest, Registry, Scaler, Thresholds, ThresholdsBy
 
 Kind = Literal["spike", "noop"]
 
@@ -77,7 +77,7 @@ def feature_names(n: int) -> list[str]:
 def add_version(root: Path | str, n_features: int = 4, *, kind: Kind = "spike", window: int = 100,
                 mean: float = 10.0, std: float = 2.0, alert: float = 3.0, close: float = 1.5,
                 critical: float | None = 5.0, task: str = "classify", weights: Sequence[float] = (0.5, 0.5),
-                promote: bool = True, feature_error: bool = False) -> str:
+                promote: bool = True, feature_error: bool = False, thresholds_by: ThresholdsBy | None = None) -> str:
     """Stage, commit (and promote) one version into the registry at ``root``; returns its version."""
     reg = Registry(root)
     staging = reg.stage()
@@ -87,6 +87,7 @@ def add_version(root: Path | str, n_features: int = 4, *, kind: Kind = "spike", 
         version="pending", created="", task=task, feature_names=feature_names(n_features), window=window,
         scaler=Scaler(mean=[mean] * n_features, std=[std] * n_features),
         thresholds=Thresholds(alert=alert, close=close, critical=critical, method="test fixture"),
+        thresholds_by=thresholds_by,
         members=members, inputs={"window": ["batch", window, n_features]},
         outputs=["score", "member_scores", "weights"] + (["feature_error"] if feature_error else []),
     )

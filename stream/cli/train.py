@@ -73,6 +73,13 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
                                                                       "feature, forward-filled")] = None,
           target_far: Annotated[Optional[float], typer.Option(help="threshold for this false-alarm rate "
                                                                    "instead of best F1")] = None,
+          threshold_by: Annotated[Optional[str], typer.Option(
+              "--threshold-by", help="calibrate thresholds per entity or per group of entities: entity | "
+                                     "group:COLUMN (COLUMN names each entity's group); unknown entities use the "
+                                     "pooled threshold")] = None,
+          threshold_min_windows: Annotated[Optional[int], typer.Option(
+              "--threshold-min-windows", help="validation windows an entity or group needs for its own "
+                                              "threshold, else the pooled one (default 200)")] = None,
           fp16: Annotated[bool, typer.Option("--fp16", help="also write model.fp16.onnx")] = False,
           no_promote: Annotated[bool, typer.Option("--no-promote", help="commit without making it current")] = False,
           warm_start: Annotated[bool, typer.Option("--warm-start", help="start from the current version")] = False,
@@ -87,6 +94,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     _choice(size, SIZES, "--size")
     if unsupervised and task not in (None, "forecast"):
         raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
+    if threshold_by is not None and threshold_by != "entity" and not threshold_by.startswith("group:"):
+        raise UsageError(f"--threshold-by takes entity or group:COLUMN, not {threshold_by!r}")
     _log_to_stderr()
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
@@ -97,6 +106,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
                                         nan_tolerance=nan_tolerance, target_far=target_far, window=window,
+                                        threshold_by=threshold_by, threshold_min_windows=threshold_min_windows,
                                         ts_col=ts_col, entity_col=entity_col, entity=entity).items() if v is not None}}
     try:
         config = TrainConfig.quick(**options) if quick else TrainConfig(**options)
@@ -107,13 +117,16 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     m = result.manifest
     summary = {"version": result.version, "promoted": result.promoted, "task": m.task, "seconds": result.seconds,
                "thresholds": m.thresholds.model_dump() if m.thresholds else None, "parity": m.parity,
+               "thresholds_by": m.thresholds_by.model_dump() if m.thresholds_by else None,
                "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
                "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
-    auc = m.metrics.get("roc_auc")
+    auc, by = m.metrics.get("roc_auc"), m.thresholds_by
+    own = (f"thresholds by {by.by}: {sum(k.source != 'pooled' for k in by.keys.values())} of {len(by.keys)} have "
+           f"their own, the rest the pooled one\n" if by else "")
     emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
                             f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
                             + f"threshold {m.thresholds.alert:.4g} ({m.thresholds.method}), parity {m.parity}\n"
-                            + f"quality: {m.metrics['quality']['reason']}")
+                            + own + f"quality: {m.metrics['quality']['reason']}")
 
 
 def export(registry: RegistryOpt,

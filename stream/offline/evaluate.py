@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from fabwatch.export.runtime import ScoringModel
 from fabwatch.models.training.metrics import average_precision, eventwise, pointwise, roc_auc
 from fabwatch.stream.engine import ScoringEngine, run_offline
 from fabwatch.stream.offline.files import Records
-from fabwatch.stream.policy import PolicyConfig
+from fabwatch.stream.policy import Figures, PolicyConfig
 from fabwatch.stream.offline.replay import load_records
 from fabwatch.stream.schemas import Alert, Silence
 from fabwatch.stream.silences import SilenceGate, SilenceSet
@@ -38,6 +38,7 @@ class Evaluation:
     alerts: list[Alert]
     threshold: float
     close_threshold: float
+    figures: Callable[[str], Figures]  # an entity's thresholds (its own with ``thresholds_by``, else these two)
     model_version: str
     metrics: dict
     seconds: float
@@ -114,6 +115,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
                      "alerts_opened": sum(a.state == "open" for a in alerts),
                      **({"alerts_silenced": len(silenced)} if silences is not None else {}),
                      "model_version": manifest.version, "threshold": manifest.thresholds.alert,
+                     "thresholds_by": manifest.thresholds_by.by if manifest.thresholds_by else None,
                      "readings_per_s": round(len(records.ts) / seconds) if seconds > 0 else None}
     if records.label is not None:
         entity = np.asarray(records.entity, dtype=object)
@@ -134,6 +136,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
     return Evaluation(records=records, rows_in_file=metrics["rows_in_file"], score=score, pred=pred, status=status,
                       alerts=alerts,
                       threshold=manifest.thresholds.alert, close_threshold=manifest.thresholds.close,
+                      figures=engine.policy.figures,
                       model_version=manifest.version, metrics=metrics, seconds=seconds)
 
 
@@ -188,9 +191,10 @@ def plot_entity(ev: Evaluation, out: Path, entity: str | None = None) -> str:
         ax_f.plot(t, z[:, j] + 4 * j, lw=0.7, label=names[j])
     ax_f.set_yticks([4 * j for j in range(len(names))], names, fontsize=7)
     ax_f.set_title(f"{entity}: features (standardized, offset) — model {ev.model_version}")
+    figures = ev.figures(entity)
     ax_s.plot(t, ev.score[idx], color="black", lw=0.9, label="score")
-    ax_s.axhline(ev.threshold, color="red", ls="--", lw=1, label=f"alert threshold {ev.threshold:.3g}")
-    ax_s.axhline(ev.close_threshold, color="orange", ls=":", lw=1, label=f"close threshold {ev.close_threshold:.3g}")
+    ax_s.axhline(figures.alert, color="red", ls="--", lw=1, label=f"alert threshold {figures.alert:.3g}")
+    ax_s.axhline(figures.close, color="orange", ls=":", lw=1, label=f"close threshold {figures.close:.3g}")
     for ax in (ax_f, ax_s):
         if ev.records.label is not None:
             lab = ev.records.label[idx] > 0
