@@ -70,7 +70,8 @@ def _labelled(normal: Path | None, abnormal: Path | None, labeled: Path | None) 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add ``logs`` to ``app`` and ``logs`` to ``bench_app``."""
-    logs_app = typer.Typer(help="DeepLog on log-key streams: parse raw logs, train, evaluate, serve.", no_args_is_help=True)
+    logs_app = typer.Typer(help="DeepLog on log-key streams: parse raw logs, train, evaluate, serve; count invariants "
+                           "and parameter-value ranges beside it.", no_args_is_help=True)
     app.add_typer(logs_app, name="logs")
 
     @logs_app.command("parse")
@@ -167,8 +168,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """Confusion, precision/recall/F1, FPR, paper-balance estimates and speed (cached and uncached), for
         DeepLog and the count invariants alone and combined."""
         from fabwatch.stream.logs.invariants import CountModel
-        from fabwatch.stream.logs.score import LogKeyScorer, evaluate as run
+        from fabwatch.stream.logs.score import DETECTORS, LogKeyScorer, evaluate as run
 
+        if detector is not None and detector not in DETECTORS:
+            raise UsageError(f"--detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
         sessions, labels = _labelled(normal, abnormal, labeled)
         scorer = LogKeyScorer.from_registry(registry, top_g=top_g)
         counts = CountModel.from_registry(registry, scorer.version)
@@ -176,6 +179,48 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                      progress=True, counts=counts,
                      detector=detector or ("combined" if counts is not None else "sequence"))
         emit(result, as_json, _summary(result))
+
+    @logs_app.command("params-fit")
+    def params_fit(raw: Annotated[Path, typer.Argument(help="raw HDFS log of normal runs (header times are used)")],
+                   out: Annotated[Path, typer.Option("--out", help="write the parameter model (JSON) here")],
+                   templates: Annotated[Optional[Path], typer.Option("--templates", help="EventId,EventTemplate "
+                                                                     "CSV; Drain when absent")] = None,
+                   registry: ModelDrainOpt = None,
+                   quantile: Annotated[float, typer.Option("--quantile", help="range width: this quantile of the "
+                                                           "held-out lines' deviations")] = 0.999,
+                   as_json: JsonFlag = False) -> None:
+        """DeepLog's parameter-value model: per log key, the range of the gap since the session's previous line
+        and of each numeric parameter, fitted on normal lines (width from 20 % held-out sessions)."""
+        from fabwatch.stream.logs.params import fit_param_model, read_events
+        from fabwatch.stream.logs.parse import DrainState
+
+        if not 0.5 <= quantile < 1.0:
+            raise UsageError(f"--quantile must be in [0.5, 1), got {quantile}")
+        events = read_events(raw, templates, DrainState.from_registry(registry) if registry else None)
+        model = fit_param_model(events, quantile=quantile)
+        model.write(out)
+        emit({"out": str(out), "lines": len({e.line_id for e in events}), "sessions": len({e.session for e in events}),
+              "ranges": [r.model_dump() for r in model.ranges]}, as_json,
+             f"{len(model.ranges)} value ranges from {len(events)} events -> {out}")
+
+    @logs_app.command("params-check")
+    def params_check(raw: Annotated[Path, typer.Argument(help="raw HDFS log to check")],
+                     model: Annotated[Path, typer.Option("--model", help="a `logs params-fit` model")],
+                     templates: Annotated[Optional[Path], typer.Option("--templates", help="the template CSV the "
+                                                                       "model was fitted with")] = None,
+                     registry: ModelDrainOpt = None,
+                     as_json: JsonFlag = False) -> None:
+        """Lines whose gap or numeric parameter is outside its key's learned range (one finding per line)."""
+        from fabwatch.stream.logs.params import ParamModel, read_events
+        from fabwatch.stream.logs.parse import DrainState
+
+        ranges = ParamModel.read(model)
+        events = read_events(raw, templates, DrainState.from_registry(registry) if registry else None)
+        findings = ranges.check(events)
+        emit({"lines": len({e.line_id for e in events}), "flagged_lines": len(findings),
+              "flagged_sessions": len({f["session"] for f in findings}), "findings": findings}, as_json,
+             "\n".join(f"line {f['line_id']} {f['session']}: {f['detail']}" for f in findings)
+             or f"no value out of range in {len(events)} events")
 
     @logs_app.command("serve")
     def serve(registry: RegistryOpt,
