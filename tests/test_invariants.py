@@ -99,3 +99,25 @@ def test_count_model_is_plain_json(tmp_path: Path) -> None:
     assert raw["format"] == "fabwatch-invariants/1" and raw["invariants"][0]["coefficients"]
     again = CountModel.read(tmp_path / "invariants.json")
     assert again == model
+
+
+def test_serving_checks_the_count_model_when_a_session_closes() -> None:
+    """`logs serve`'s sessions (Kafka-free): a session that follows the key order but repeats half the workflow
+    raises an `invariant` alert at close, naming the relation and the counts; a normal session raises none."""
+    from types import SimpleNamespace
+
+    from fabwatch.stream.logs.score import LogKeyScorer
+    from fabwatch.stream.logs.serve import LogSessions
+    from fabwatch.stream.schemas import LogKey
+    from test_deeplog_metrics import ChainSession
+
+    manifest = SimpleNamespace(version="v0001", extra={"vocabulary": ["a", "b", "c", "d"], "h": 2, "top_g": 1})
+    count_model = fit_count_model([["a", "b", "c", "d"]] * 20, min_support=1.0)
+    live = LogSessions(LogKeyScorer(ChainSession(), manifest), count_model=count_model)
+    keys = [LogKey(session=s, ts=1_000 * i, key=k, line=i)
+            for i, (s, k) in enumerate([("ok", k) for k in "abcd"] + [("half", k) for k in "abcdab"], start=1)]
+    assert live.process(keys, [None] * len(keys), now=0.0) == []  # the order is right in both
+    closed = live.close_idle(5.0, now=10.0)
+    assert [(a.entity, a.detail["reason"]) for a in closed] == [("half", "invariant")]
+    assert closed[0].detail["relation"].startswith("count(a) == count(c) broken: count(a)=2, count(c)=1")
+    assert closed[0].detail["counts"] == {"a": 2, "b": 2, "c": 1, "d": 1}

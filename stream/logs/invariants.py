@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from math import gcd
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -130,6 +130,15 @@ class CountModel(BaseModel):
             for k, c in zip(inv.keys, inv.coefficients):
                 theta[self.keys.index(k), i] = c
         return theta
+
+
+def close_check(model: CountModel | None, key_counts: Mapping[str, int]) -> tuple[str, str] | None:
+    """The serving path, when a session closes: ``(reason, detail)`` for a broken relation or an unseen
+    count, else None. ``unknown_key`` is left out: the sequence model alerts on that line already."""
+    if model is None:
+        return None
+    found = model.check_session([key for key, n in key_counts.items() for _ in range(n)])
+    return found if found is not None and found[0] != "unknown_key" else None
 
 
 @dataclass

@@ -17,6 +17,10 @@ Alerts (kind ``log``, key = session):
 - ``short_session``: when a session closes (idle for ``idle_timeout_s``, or closed early to make
   room for new sessions) with fewer than h + 1 keys, DeepLog's length rule; ``score`` is its length,
   ``threshold`` h + 1. Its id hashes (session, last line, model version, "short_session").
+- ``invariant`` / ``unseen_count``: when a session of h + 1 keys or more closes and the model version
+  has a count model (``invariants.json``), a count relation that held in training is broken, or a key
+  occurs a number of times never seen in training (``fabwatch.stream.logs.invariants.close_check``);
+  ``detail`` names the relation and the observed counts. Same id scheme, with the reason.
 ``window_start_ts`` is the session's first key, ``window_end_ts`` the alerted key (or the last one).
 A key whose event time lies outside ``Settings.event_time_bounds`` goes to the DLQ as ``clock_skew``,
 as a reading would.
@@ -37,7 +41,7 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +52,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
+from fabwatch.stream.logs.invariants import CountModel, close_check
 from fabwatch.stream.logs.score import UNK, LogKeyScorer, next_key_ranks
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.schemas import Alert, LogKey, Rejected, SourceOffset, alert_id_for, decode_logkey
@@ -79,13 +84,15 @@ class _Session:
     last_line: int = 0
     keys: int = 0
     source: SourceOffset | None = None
+    key_counts: Counter[str] = field(default_factory=Counter)  # for the count model at close
 
 
 class LogSessions:
     """Kafka-free: open sessions, their windows, the scoring rule -> alerts (unit-testable, replayable)."""
 
-    def __init__(self, scorer: LogKeyScorer, max_sessions: int = 1_000_000):
+    def __init__(self, scorer: LogKeyScorer, max_sessions: int = 1_000_000, count_model: CountModel | None = None):
         self.scorer = scorer
+        self.count_model = count_model
         self.h = scorer.h
         self.max_sessions = max_sessions
         self.windows = WindowStore(self.h + 1, 1, stride=1, max_keys=max_sessions, ttl_s=None)
@@ -113,6 +120,7 @@ class LogSessions:
             if not session.keys:
                 session.first_ts = m.ts
             session.keys += 1
+            session.key_counts[m.key] += 1
             session.last_ts, session.last_line, session.source, session.seen = m.ts, m.line, sources[i], now
             self.sessions.move_to_end(names[i])
         if len(res.ready):
@@ -158,6 +166,15 @@ class LogSessions:
                     model_version=self.scorer.version, source=session.source,
                     detail={"reason": "short_session", "keys": session.keys, "min_keys": self.h + 1,
                             "line": session.last_line}))
+            elif (broken := close_check(self.count_model, session.key_counts)) is not None:
+                reason, detail = broken
+                alerts.append(Alert(
+                    alert_id=alert_id_for(name, session.last_line, self.scorer.version, reason),
+                    entity=name, kind="log", score=float(session.keys), threshold=float(self.h + 1),
+                    severity="warning", window_start_ts=session.first_ts, window_end_ts=session.last_ts,
+                    model_version=self.scorer.version, source=session.source,
+                    detail={"reason": reason, "relation": detail, "counts": dict(session.key_counts),
+                            "line": session.last_line}))
         self.windows.drop(names)
         return alerts
 
@@ -201,7 +218,7 @@ class LogServer(StopOnSignal):
         scorer = LogKeyScorer.from_registry(config.registry, top_g=config.top_g)
         # as for readings: a key dated 2100 (or in microseconds) would stamp its session's alerts with it
         self.event_time_bounds = settings.event_time_bounds()
-        self.sessions = LogSessions(scorer, config.max_sessions)
+        self.sessions = LogSessions(scorer, config.max_sessions, CountModel.from_registry(config.registry, scorer.version))
         self._stop = threading.Event()
         self._next_offset: dict[int, int] = {}
         self._delivery = DeliveryTracker()
