@@ -143,7 +143,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                                                        "invariants (quantitative detector) into the version")] = True,
               min_support: Annotated[Optional[float], typer.Option(
                   "--min-support", help="keep relations holding in this share of the sessions where their keys "
-                  "occur (default: chosen on 20 %% held-out normal sessions)")] = None,
+                  "occur (default: chosen on 20 % held-out normal sessions)")] = None,
               as_json: JsonFlag = False) -> None:
         """Train DeepLog on normal sessions, export ONNX (fused LSTM, parity-checked), mine the count invariants,
         store both in the registry."""
