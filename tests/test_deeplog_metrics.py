@@ -117,6 +117,8 @@ def test_evaluate_combines_sequence_and_count_verdicts() -> None:
     alone = result["detectors"]
     assert (alone["sequence"]["FN"], alone["quantitative"]["FN"], alone["combined"]["FN"]) == (1, 1, 0)
     assert "count(a) == count(c)" in result["count_model"]["invariants"]
+    at_g1 = {row["top_g"]: row for row in result["top_g_sweep_combined"]}[1]
+    assert (at_g1["FN"], at_g1["FP"]) == (0, 0)
     with pytest.raises(UsageError, match="count model"):
         evaluate(scorer(top_g=1), sessions, labels, uncached_limit=0, detector="quantitative")
 

@@ -309,9 +309,10 @@ class Confusion:
 
 
 def top_g_sweep(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels: Sequence[int],
-                around: int = 4) -> list[dict[str, Any]]:
+                around: int = 4, also: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The same evaluation for g near the model's (one model pass over the distinct windows, untimed):
-    how recall trades against false positives as g grows."""
+    how recall trades against false positives as g grows. ``also``: ``[S]`` bool verdicts of another
+    detector ORed in (the combined verdict's sweep)."""
     w = build_windows([scorer.vocab.encode(s) for s in sessions], scorer.h)
     codes = window_codes(w.windows, len(scorer.vocab))
     _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
@@ -319,7 +320,8 @@ def top_g_sweep(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels:
     worst = session_max_rank(w, next_key_ranks(probs, w.next_keys), sessions, scorer.h)
     rows = []
     for g in range(max(1, scorer.top_g - around), min(len(scorer.vocab.keys), scorer.top_g + around) + 1):
-        m = Confusion.from_labels(np.asarray(labels), worst >= g).metrics()
+        flagged = worst >= g if also is None else (worst >= g) | also
+        m = Confusion.from_labels(np.asarray(labels), flagged).metrics()
         rows.append({"top_g": g, "recall": m["recall"], "fpr": m["fpr"], "FP": m["FP"], "FN": m["FN"], "f1": m["f1"],
                      "f1_est": m["paper_balance"]["f1_est"]})
     return rows
@@ -395,6 +397,8 @@ def evaluate(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels: Se
                    "windows_per_s": _ratio(verdicts.windows, seconds)},
     }
     result["top_g_sweep"] = top_g_sweep(scorer, sessions, labels)
+    if count_verdicts is not None:
+        result["top_g_sweep_combined"] = top_g_sweep(scorer, sessions, labels, also=count_verdicts.anomalous)
     if uncached_limit != 0:
         lengths = np.cumsum([len(s) for s in sessions])
         n = len(sessions) if uncached_limit is None else max(1, int(np.searchsorted(lengths, uncached_limit, "right")))
