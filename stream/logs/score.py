@@ -19,6 +19,11 @@ A streaming caller scores any batch ``windows [B, h]`` against ``next_keys [B]``
 
 Sessions repeat the same windows massively, so predictions are cached per unique window: each
 distinct window runs through the model once (``cached=True``); ``cached=False`` runs every window.
+
+Combined verdict (``evaluate(detector=...)``): DeepLog alone (``sequence``), the count invariants
+of ``fabwatch.stream.logs.invariants`` alone (``quantitative``), or either flagging (``combined``,
+the default when the model version has a count model). The two see different failures: DeepLog a
+key out of order, the invariants a step lost or repeated in a session whose order looks right.
 """
 
 from __future__ import annotations
