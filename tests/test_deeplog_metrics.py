@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fabwatch.export.errors import UsageError
+
 from fabwatch.stream.logs.score import (PAD, UNK, Confusion, LogKeyScorer, Vocabulary, build_windows, evaluate,
                              read_sessions, score_sessions, window_codes)
 
@@ -95,9 +97,30 @@ def test_evaluate_reports_rates_and_cache() -> None:
     sessions = [["a", "b", "c", "d"]] * 20 + [["d", "c", "b"]] * 4 + [["a"]]
     result = evaluate(s, sessions, [0] * 20 + [1] * 5, uncached_limit=None)
     assert (result["TP"], result["FP"], result["FN"], result["TN"]) == (5, 0, 0, 20)
-    assert result["reasons"] == {"unknown_key": 0, "unexpected_key": 4, "short_session": 1}
+    assert result["reasons"] == {"unknown_key": 0, "unexpected_key": 4, "short_session": 1, "invariant": 0,
+                                 "unseen_count": 0}
     assert "cached per unique window" in result["speed"]["cached"]["note"]
     assert result["speed"]["uncached"]["windows"] == result["windows"]
+
+
+def test_evaluate_combines_sequence_and_count_verdicts() -> None:
+    """``a b c d a b`` follows the chain (the sequence model passes it) but breaks count(a) == count(c); ``b a c d``
+    breaks the order and no count relation: each detector alone misses one, the combined verdict has both."""
+    from fabwatch.stream.logs.invariants import fit_count_model
+
+    counts = fit_count_model([["a", "b", "c", "d"]] * 20, min_support=1.0)
+    sessions = [["a", "b", "c", "d"]] * 20 + [["a", "b", "c", "d", "a", "b"], ["b", "a", "c", "d"]]
+    labels = [0] * 20 + [1, 1]
+    result = evaluate(scorer(top_g=1), sessions, labels, uncached_limit=0, counts=counts, detector="combined")
+    assert (result["TP"], result["FP"], result["FN"]) == (2, 0, 0)
+    assert result["reasons"]["invariant"] == 1 and result["reasons"]["unexpected_key"] == 1
+    alone = result["detectors"]
+    assert (alone["sequence"]["FN"], alone["quantitative"]["FN"], alone["combined"]["FN"]) == (1, 1, 0)
+    assert "count(a) == count(c)" in result["count_model"]["invariants"]
+    at_g1 = {row["top_g"]: row for row in result["top_g_sweep_combined"]}[1]
+    assert (at_g1["FN"], at_g1["FP"]) == (0, 0)
+    with pytest.raises(UsageError, match="count model"):
+        evaluate(scorer(top_g=1), sessions, labels, uncached_limit=0, detector="quantitative")
 
 
 def test_read_sessions_formats(tmp_path: Path) -> None:

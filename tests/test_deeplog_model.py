@@ -40,6 +40,21 @@ def test_export_is_fused_lstm_with_parity(trained: tuple[Path, dict]) -> None:
     assert (manifest.extra["h"], manifest.extra["top_g"]) == (3, 2)
 
 
+def test_count_invariants_stored_as_json_in_the_same_version(trained: tuple[Path, dict]) -> None:
+    from fabwatch.export.registry import Registry
+    from fabwatch.stream.logs.invariants import INVARIANTS, CountModel
+
+    root, summary = trained
+    vdir, manifest = Registry(root / "reg").resolve(summary["version"])
+    assert INVARIANTS in manifest.files  # hashed and verified like the model
+    stored = json.loads((vdir / INVARIANTS).read_text())
+    assert stored["format"] == "fabwatch-invariants/1"
+    model = CountModel.from_registry(root / "reg")
+    assert model is not None and "count(1) == count(2)" in {inv.describe() for inv in model.invariants}
+    assert summary["count_model"]["invariants"] == [inv.describe() for inv in model.invariants]
+    assert model.choice["holdout_sessions"] == 11  # min_support chosen on held-out normal sessions
+
+
 def test_flags_impossible_order_and_passes_frequent_session(trained: tuple[Path, dict]) -> None:
     from fabwatch.stream.logs.score import LogKeyScorer, score_sessions
 
@@ -56,6 +71,7 @@ def test_flags_impossible_order_and_passes_frequent_session(trained: tuple[Path,
 
 
 def test_evaluate_cli_reports_metrics(trained: tuple[Path, dict]) -> None:
+    from fabwatch.export.errors import UsageError
     from fabwatch.stream.cli.main import app
 
     root, _ = trained
@@ -67,6 +83,16 @@ def test_evaluate_cli_reports_metrics(trained: tuple[Path, dict]) -> None:
     assert (report["TP"], report["FP"], report["FN"], report["TN"]) == (2, 0, 0, len(NORMAL))
     assert report["f1"] == 1.0 and report["paper_balance"]["fp_est"] == 0.0
     assert report["speed"]["cached"]["windows_per_s"] > 0 and report["speed"]["uncached"]["windows"] > 0
+    assert report["detector"] == "combined" and set(report["detectors"]) == {"combined", "sequence", "quantitative"}
+    # a lost step that keeps the order: 1 2 3 4 5 6 then 1 2 3 4 again (count(1) == count(6) breaks)
+    (root / "lost").write_text("1 2 3 4 5 6 1 2 3 4\n")
+    alone = CliRunner().invoke(app, ["logs", "evaluate", "--registry", str(root / "reg"), "--abnormal",
+                                     str(root / "lost"), "--detector", "quantitative", "--uncached-limit", "0", "--json"])
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.stdout)["reasons"]["invariant"] == 1
+    bad = CliRunner().invoke(app, ["logs", "evaluate", "--registry", str(root / "reg"), "--abnormal",
+                                   str(root / "lost"), "--detector", "both"])
+    assert isinstance(bad.exception, UsageError) and "--detector must be one of" in str(bad.exception)
 
 
 def test_choose_top_g_on_held_out_normals() -> None:

@@ -233,21 +233,29 @@ def parse_file(path: Path, templates: Path | None = None,
     """Parse a raw HDFS log; returns the rows and the matcher that keyed them (its ``templates``:
     key -> template). Keys come from the template file, else from ``drain`` (a model's learned
     templates), else from Drain templates learned on this file first (a pass of its own)."""
-    if templates is not None and drain is not None:
-        raise UsageError("a template file and a Drain state exclude each other")
+    matcher = make_matcher(path, templates, drain)
     try:
-        if templates is not None:
-            matcher: TemplateMatcher | DrainMatcher = TemplateMatcher.from_csv(templates)
-        else:
-            if drain is None:
-                with open(path, errors="replace") as f:
-                    drain = learn_drain(content for _, content, _, _ in hdfs_lines(f))
-            matcher = DrainMatcher(drain)
         with open(path, errors="replace") as f:
             rows = list(parse_lines(f, matcher))
     except FileNotFoundError:
         raise UsageError(f"log file {path} not found") from None
     return rows, matcher
+
+
+def make_matcher(path: Path, templates: Path | None = None,
+                 drain: DrainState | None = None) -> TemplateMatcher | DrainMatcher:
+    """The matcher ``parse_file`` keys ``path`` with (see there)."""
+    if templates is not None and drain is not None:
+        raise UsageError("a template file and a Drain state exclude each other")
+    try:
+        if templates is not None:
+            return TemplateMatcher.from_csv(templates)
+        if drain is None:
+            with open(path, errors="replace") as f:
+                drain = learn_drain(content for _, content, _, _ in hdfs_lines(f))
+        return DrainMatcher(drain)
+    except FileNotFoundError:
+        raise UsageError(f"log file {path} not found") from None
 
 
 def write_rows(rows: Iterable[LogRow], out: IO[str]) -> None:

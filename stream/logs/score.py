@@ -19,6 +19,11 @@ A streaming caller scores any batch ``windows [B, h]`` against ``next_keys [B]``
 
 Sessions repeat the same windows massively, so predictions are cached per unique window: each
 distinct window runs through the model once (``cached=True``); ``cached=False`` runs every window.
+
+Combined verdict (``evaluate(detector=...)``): DeepLog alone (``sequence``), the count invariants
+of ``fabwatch.stream.logs.invariants`` alone (``quantitative``), or either flagging (``combined``,
+the default when the model version has a count model). The two see different failures: DeepLog a
+key out of order, the invariants a step lost or repeated in a session whose order looks right.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from fabwatch.export.errors import UsageError
+from fabwatch.stream.logs.invariants import CountModel, CountVerdicts
 
 PAD, UNK = 0, 1
 SPECIALS = ("<pad>", "<unk>")
@@ -309,9 +315,10 @@ class Confusion:
 
 
 def top_g_sweep(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels: Sequence[int],
-                around: int = 4) -> list[dict[str, Any]]:
+                around: int = 4, also: np.ndarray | None = None) -> list[dict[str, Any]]:
     """The same evaluation for g near the model's (one model pass over the distinct windows, untimed):
-    how recall trades against false positives as g grows."""
+    how recall trades against false positives as g grows. ``also``: ``[S]`` bool verdicts of another
+    detector ORed in (the combined verdict's sweep)."""
     w = build_windows([scorer.vocab.encode(s) for s in sessions], scorer.h)
     codes = window_codes(w.windows, len(scorer.vocab))
     _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
@@ -319,49 +326,98 @@ def top_g_sweep(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels:
     worst = session_max_rank(w, next_key_ranks(probs, w.next_keys), sessions, scorer.h)
     rows = []
     for g in range(max(1, scorer.top_g - around), min(len(scorer.vocab.keys), scorer.top_g + around) + 1):
-        m = Confusion.from_labels(np.asarray(labels), worst >= g).metrics()
+        flagged = worst >= g if also is None else (worst >= g) | also
+        m = Confusion.from_labels(np.asarray(labels), flagged).metrics()
         rows.append({"top_g": g, "recall": m["recall"], "fpr": m["fpr"], "FP": m["FP"], "FN": m["FN"], "f1": m["f1"],
                      "f1_est": m["paper_balance"]["f1_est"]})
     return rows
 
 
+DETECTORS = ("combined", "sequence", "quantitative")
+REASONS = ("unknown_key", "unexpected_key", "short_session", "invariant", "unseen_count")
+
+
+def combine_verdicts(sequence: SessionVerdicts, counts: CountVerdicts | None, detector: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Session verdicts of one detector, or of both ORed (``combined``): ``(anomalous [S] bool,
+    reason [S] str)``. A session both flag keeps the sequence model's reason, which names the line."""
+    if detector not in DETECTORS:
+        raise UsageError(f"detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+    if detector == "sequence":
+        return sequence.anomalous, sequence.reason
+    if counts is None:
+        raise UsageError(f"the {detector} verdict needs a count model (invariants.json): this model version has "
+                         "none (train it with `logs train`, which mines one unless --no-invariants)")
+    if detector == "quantitative":
+        return counts.anomalous, counts.reason
+    return sequence.anomalous | counts.anomalous, np.where(sequence.anomalous, sequence.reason, counts.reason)
+
+
 def evaluate(scorer: LogKeyScorer, sessions: Sequence[Sequence[str]], labels: Sequence[int],
-             uncached_limit: int | None = 100_000, progress: bool = False) -> dict[str, Any]:
+             uncached_limit: int | None = 100_000, progress: bool = False, counts: CountModel | None = None,
+             detector: str = "sequence") -> dict[str, Any]:
     """Confusion, metrics and speed for labelled sessions (label 1 = abnormal).
 
-    The headline rate caches predictions per unique window, starting from an empty cache (after one
-    untimed warm-up batch, as a server would have run); the
-    uncached rate runs every window of the first sessions (up to ``uncached_limit`` windows, all
-    when None) through the model, and its verdicts must equal the cached ones.
+    The headline figures are ``detector``'s (``sequence``: DeepLog; ``quantitative``: the count model;
+    ``combined``: either flags); ``detectors`` holds each one available alone and combined, from the
+    same run. The headline rate caches predictions per unique window, starting from an empty cache
+    (after one untimed warm-up batch, as a server would have run), and includes the count model's
+    check when the headline uses it; the uncached rate runs every window of the first sessions (up to
+    ``uncached_limit`` windows, all when None) through the model, and its verdicts must equal the cached ones.
     """
     if len(sessions) != len(labels):
         raise UsageError("sessions and labels differ in length")
     if not sessions:
         raise UsageError("no sessions to evaluate")
+    labels_arr = np.asarray(labels)
     scorer.clear_cache()
     scorer.probabilities(np.zeros((scorer.batch_size, scorer.h), dtype=np.int32))  # warm the session up, untimed
     verdicts = score_sessions(scorer, sessions, cached=True, progress=progress)
+    count_verdicts, count_seconds = None, 0.0
+    if counts is not None:
+        t0 = time.perf_counter()
+        count_verdicts = counts.check(sessions)
+        count_seconds = time.perf_counter() - t0
+    anomalous, reason = combine_verdicts(verdicts, count_verdicts, detector)
     result: dict[str, Any] = {"model_version": scorer.version, "h": scorer.h, "top_g": scorer.top_g,
-                              "sessions": len(sessions), "windows": verdicts.windows,
+                              "detector": detector, "sessions": len(sessions), "windows": verdicts.windows,
                               "unique_windows": verdicts.unique_windows}
-    result.update(Confusion.from_labels(np.asarray(labels), verdicts.anomalous).metrics())
-    reasons = verdicts.reason[verdicts.anomalous]
-    result["reasons"] = {r: int((reasons == r).sum()) for r in ("unknown_key", "unexpected_key", "short_session")}
+    result.update(Confusion.from_labels(labels_arr, anomalous).metrics())
+    result["reasons"] = _reasons(anomalous, reason)
+    result["detectors"] = {}
+    for name in DETECTORS if count_verdicts is not None else ("sequence",):
+        flags, why = combine_verdicts(verdicts, count_verdicts, name)
+        m = Confusion.from_labels(labels_arr, flags).metrics()
+        result["detectors"][name] = {"recall": m["recall"], "fpr": m["fpr"], "precision": m["precision"], "f1": m["f1"],
+                                     "FP": m["FP"], "FN": m["FN"], "f1_est": m["paper_balance"]["f1_est"],
+                                     "reasons": _reasons(flags, why)}
+    if counts is not None:
+        result["count_model"] = {"invariants": [inv.describe() for inv in counts.invariants],
+                                 "unseen_counts": counts.seen_counts is not None, "min_support": counts.min_support}
+    seconds = verdicts.seconds + (count_seconds if detector != "sequence" else 0.0)
     result["speed"] = {
-        "cached": {"note": "predictions cached per unique window: each distinct window runs through the model once",
-                   "model_windows": verdicts.model_windows, "seconds": verdicts.seconds,
-                   "sessions_per_s": _ratio(len(sessions), verdicts.seconds),
-                   "windows_per_s": _ratio(verdicts.windows, verdicts.seconds)},
+        "cached": {"note": "predictions cached per unique window: each distinct window runs through the model once"
+                   + ("; count model included" if detector != "sequence" else ""),
+                   "model_windows": verdicts.model_windows, "seconds": seconds,
+                   "sessions_per_s": _ratio(len(sessions), seconds),
+                   "windows_per_s": _ratio(verdicts.windows, seconds)},
     }
     result["top_g_sweep"] = top_g_sweep(scorer, sessions, labels)
+    if count_verdicts is not None:
+        result["top_g_sweep_combined"] = top_g_sweep(scorer, sessions, labels, also=count_verdicts.anomalous)
     if uncached_limit != 0:
         lengths = np.cumsum([len(s) for s in sessions])
         n = len(sessions) if uncached_limit is None else max(1, int(np.searchsorted(lengths, uncached_limit, "right")))
         raw = score_sessions(scorer, sessions[:n], cached=False, progress=progress)
         if not np.array_equal(raw.anomalous, verdicts.anomalous[:n]):
             raise RuntimeError("cached and uncached verdicts differ: the window cache is broken")
-        result["speed"]["uncached"] = {"note": "every window through the model", "sessions": n,
+        result["speed"]["uncached"] = {"note": "every window through the model (sequence model only)", "sessions": n,
                                        "windows": raw.windows, "seconds": raw.seconds,
                                        "sessions_per_s": _ratio(n, raw.seconds),
                                        "windows_per_s": _ratio(raw.windows, raw.seconds)}
     return result
+
+
+def _reasons(anomalous: np.ndarray, reason: np.ndarray) -> dict[str, int]:
+    flagged = reason[anomalous]
+    return {r: int((flagged == r).sum()) for r in REASONS}

@@ -18,6 +18,10 @@ Alerts (kind ``log``, key = session):
   room for new sessions) with fewer than h + 1 keys, DeepLog's length rule (``LogSessions._on_close``, the
   one place where session-close rules go); ``score`` is its length,
   ``threshold`` h + 1. Its id hashes (session, last line, model version, "short_session").
+- ``invariant`` / ``unseen_count``: when a session of h + 1 keys or more closes and the model version
+  has a count model (``invariants.json``), a count relation that held in training is broken, or a key
+  occurs a number of times never seen in training (``fabwatch.stream.logs.invariants.close_check``);
+  ``detail`` names the relation and the observed counts. Same id scheme, with the reason.
 ``window_start_ts`` is the session's first key, ``window_end_ts`` the alerted key (or the last one).
 A key whose event time lies outside ``Settings.event_time_bounds`` goes to the DLQ as ``clock_skew``,
 as a reading would.
@@ -72,7 +76,7 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -85,6 +89,7 @@ from fabwatch.export.registry import Registry
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.history import read_back
 from fabwatch.stream.kafka.lifecycle import StopOnSignal, has_data
+from fabwatch.stream.logs.invariants import CountModel, close_check
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.kafka.topics import ensure_topics
@@ -130,13 +135,15 @@ class _Session:
     last_line: int = 0
     keys: int = 0
     source: SourceOffset | None = None
+    key_counts: Counter[str] = field(default_factory=Counter)  # for the count model at close
 
 
 class LogSessions:
     """Kafka-free: open sessions, their windows, the scoring rule -> alerts (unit-testable, replayable)."""
 
-    def __init__(self, scorer: LogKeyScorer, max_sessions: int = 1_000_000):
+    def __init__(self, scorer: LogKeyScorer, max_sessions: int = 1_000_000, count_model: CountModel | None = None):
         self.scorer = scorer
+        self.count_model = count_model
         self.h = scorer.h
         self.max_sessions = max_sessions
         self.windows = WindowStore(self.h + 1, 1, stride=1, max_keys=max_sessions, ttl_s=None)
@@ -175,6 +182,7 @@ class LogSessions:
             if not session.keys:
                 session.first_ts = m.ts
             session.keys += 1
+            session.key_counts[m.key] += 1
             session.last_ts, session.last_line, session.source, session.seen = m.ts, m.line, sources[i], now
             self.sessions.move_to_end(names[i])
         if len(res.ready):
@@ -218,15 +226,25 @@ class LogSessions:
         return alerts
 
     def _on_close(self, name: str, session: _Session) -> list[Alert]:
-        """The alerts of a session that ends: DeepLog's length rule."""
-        if session.keys >= self.h + 1:
+        """The alerts of a session that ends: DeepLog's length rule, else the count invariants."""
+        if session.keys < self.h + 1:
+            return [Alert(
+                alert_id=alert_id_for(name, session.last_line, self.scorer.version, "short_session"),
+                entity=name, kind="log", score=float(session.keys), threshold=float(self.h + 1),
+                severity="warning", window_start_ts=session.first_ts, window_end_ts=session.last_ts,
+                model_version=self.scorer.version, source=session.source,
+                detail={"reason": "short_session", "keys": session.keys, "min_keys": self.h + 1,
+                        "line": session.last_line})]
+        broken = close_check(self.count_model, session.key_counts)
+        if broken is None:
             return []
+        reason, relation = broken
         return [Alert(
-            alert_id=alert_id_for(name, session.last_line, self.scorer.version, "short_session"),
+            alert_id=alert_id_for(name, session.last_line, self.scorer.version, reason),
             entity=name, kind="log", score=float(session.keys), threshold=float(self.h + 1),
             severity="warning", window_start_ts=session.first_ts, window_end_ts=session.last_ts,
             model_version=self.scorer.version, source=session.source,
-            detail={"reason": "short_session", "keys": session.keys, "min_keys": self.h + 1,
+            detail={"reason": reason, "relation": relation, "counts": dict(session.key_counts),
                     "line": session.last_line})]
 
     def close_idle(self, idle_s: float, now: float | None = None) -> list[Alert]:
@@ -264,13 +282,15 @@ class LogSessions:
             raise UsageError(f"{scorer.version} has h={scorer.h}, the serving model h={self.h}: the open sessions' "
                              f"windows do not fit it (restart logs serve to change h)")
 
-    def swap(self, scorer: LogKeyScorer) -> None:
-        """Serve ``scorer`` from now on; the key ids held are re-encoded into its vocabulary."""
+    def swap(self, scorer: LogKeyScorer, count_model: CountModel | None = None) -> None:
+        """Serve ``scorer`` (and its version's count model) from now on; the key ids held are re-encoded into
+        its vocabulary (the sessions' key counts are by key name and carry over)."""
         self.check_compatible(scorer)
         old = self.scorer.vocab
         table = np.concatenate([[PAD, UNK], scorer.vocab.encode(old.keys)]).astype(np.float32)
         self.windows.remap(table)
         self.scorer = scorer
+        self.count_model = count_model
 
 
 class LogServer(StopOnSignal):
@@ -284,7 +304,7 @@ class LogServer(StopOnSignal):
         scorer = LogKeyScorer.from_registry(config.registry, top_g=config.top_g)
         # as for readings: a key dated 2100 (or in microseconds) would stamp its session's alerts with it
         self.event_time_bounds = settings.event_time_bounds()
-        self.sessions = LogSessions(scorer, config.max_sessions)
+        self.sessions = LogSessions(scorer, config.max_sessions, CountModel.from_registry(config.registry, scorer.version))
         self.metrics = LogServeMetrics()
         self.metrics.set_model(scorer.version, _provider(scorer))
         self.metrics.readiness.set_function(lambda: float(self.ready()))
@@ -292,7 +312,7 @@ class LogServer(StopOnSignal):
         self.liveness = Liveness(config.liveness_timeout_s or max(60.0, 2 * max_poll_s))
         self.http: MetricsServer | None = None
         self._stop = threading.Event()
-        self._pending: LogKeyScorer | None = None
+        self._pending: tuple[LogKeyScorer, CountModel | None] | None = None
         self._pending_lock = threading.Lock()
         self._next_offset: dict[int, int] = {}
         self._assigned_once = False
@@ -488,11 +508,12 @@ class LogServer(StopOnSignal):
     # ---- hot reload -------------------------------------------------------------------------
     def _swap_if_pending(self) -> None:
         with self._pending_lock:
-            scorer, self._pending = self._pending, None
-        if scorer is None or scorer.version == self.sessions.scorer.version:
+            pending, self._pending = self._pending, None
+        if pending is None or pending[0].version == self.sessions.scorer.version:
             return
+        scorer, count_model = pending
         old = self.sessions.scorer.version
-        self.sessions.swap(scorer)
+        self.sessions.swap(scorer, count_model)
         self.metrics.set_model(scorer.version, _provider(scorer))
         self.metrics.reloads.labels(result="ok").inc()
         log.info("hot reload: %s -> %s", old, scorer.version)
@@ -501,8 +522,9 @@ class LogServer(StopOnSignal):
         """Build ``version`` beside the serving model for the loop to swap in; raises when it cannot serve."""
         scorer = LogKeyScorer.from_registry(self.config.registry, version, top_g=self.config.top_g, sha256=sha256)
         self.sessions.check_compatible(scorer)
+        count_model = CountModel.from_registry(self.config.registry, version)
         with self._pending_lock:
-            self._pending = scorer
+            self._pending = scorer, count_model
 
 
 def _provider(scorer: LogKeyScorer) -> str:
