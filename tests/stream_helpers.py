@@ -139,10 +139,14 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 3
     return proc.wait(timeout_s)
 
 
-def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
-    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False}))
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: int = PARTITIONS,
+                      **config: str) -> dict[int, int]:
+    """The group's committed offset per partition (negative: none), riding out a coordinator that moves
+    or is still loading (busy machine, broker restarts)."""
+    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False, **config}))
     try:
-        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        got = retry_transient(lambda: c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10),
+                              f"the committed offsets of {group}")
     finally:
         c.close()
     return {tp.partition: tp.offset for tp in got}

@@ -13,11 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from fabwatch.stream.kafka.topics import ensure_topics
 from onnx_fixtures import make_registry, readings
-from stream_helpers import produce, read_all, start_serve, stop, wait_for
+from stream_helpers import committed_offsets, produce, read_all, start_serve, stop, wait_for
 from test_processor import reference_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -45,12 +44,8 @@ def test_sigkill_during_transactions_loses_and_duplicates_no_alert(settings, tmp
     def committed() -> int:
         """Readings committed so far. read_uncommitted: an OffsetFetch that waits for stable offsets would
         block on the offsets of a killed transaction until its successor fences it."""
-        c = Consumer(settings.client_config(**{"group.id": group, "isolation.level": "read_uncommitted"}))
-        try:
-            got = c.committed([TopicPartition(sensors, p) for p in range(PARTITIONS)], timeout=10)
-        finally:
-            c.close()
-        return sum(max(tp.offset, 0) for tp in got)
+        offsets = committed_offsets(settings, group, sensors, isolation_level="read_uncommitted")
+        return sum(max(o, 0) for o in offsets.values())
 
     kills, done = 0, 0
     while kills < KILLS and done < len(data):

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from typer.testing import CliRunner
 
 from fabwatch.stream.schemas import Alert, alert_id_for
-from stream_helpers import (PARTITIONS, REPO, STARTED, log_has, produce, read_all, serve_env, stop,
+from stream_helpers import (REPO, committed_offsets, STARTED, log_has, produce, read_all, serve_env, stop,
                             wait_for)
 from test_deeplog_stream import H, SESSIONS, tiny_model  # noqa: F401 (a fixture)
 
@@ -79,12 +78,7 @@ def _expected(registry: Path, sessions: dict[str, list[tuple[str, int]]]) -> tup
 
 
 def _committed(settings, group: str) -> int:
-    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False}))
-    try:
-        got = c.committed([TopicPartition(settings.topics.logkeys, p) for p in range(PARTITIONS)], timeout=10)
-    finally:
-        c.close()
-    return sum(max(tp.offset, 0) for tp in got)
+    return sum(max(o, 0) for o in committed_offsets(settings, group, settings.topics.logkeys).values())
 
 
 @pytest.mark.chaos
