@@ -60,7 +60,7 @@ from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
-from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
+from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE, REORDERED, RebuildCoverage
 
 log = logging.getLogger("fabwatch.processor")
 
@@ -78,6 +78,7 @@ class ProcessorConfig:
     exactly_once: bool = False
     emit_scores: bool = False
     stride: int = 1
+    grace_ms: int = DEFAULT_GRACE_MS  # a reading this much older than its key's newest is put in order, not late
     max_batch: int = 512
     max_wait_ms: int = 20
     max_keys: int = 100_000
@@ -109,7 +110,7 @@ class Processor(StopOnSignal):
         self.registry = Registry(config.registry)
         model = ScoringModel.from_registry(self.registry, providers=config.providers)
         self.engine = ScoringEngine(model, config.policy, config.stride, config.max_keys, config.key_ttl_s,
-                                    config.max_batch)
+                                    config.max_batch, grace_ms=config.grace_ms)
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
         self.metrics.set_model(model.version, model.provider)
@@ -233,7 +234,8 @@ class Processor(StopOnSignal):
         now_ms = int(time.time() * 1000)
         dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
         late = cols.index[result.status == LATE]
-        dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
+        dead += [(int(i), RejectReason.late, f"older than the key's newest reading by more than the grace "
+                  f"({self.config.grace_ms} ms)") for i in late.tolist()]
         conflicts = cols.index[result.status == CONFLICT]
         dead += [(int(i), RejectReason.conflicting_duplicate, "the key already has a reading at this timestamp, "
                   "with other values: the first one is kept") for i in conflicts.tolist()]
@@ -316,6 +318,7 @@ class Processor(StopOnSignal):
         m = self.metrics
         m.scored.inc(len(result.scores.index))
         m.duplicates.inc(int(np.count_nonzero(result.status == DUPLICATE)))
+        m.reordered.inc(int(np.count_nonzero(result.status == REORDERED)))
         for size, seconds in zip(result.batch_sizes, result.inference_s):
             m.batch_size.observe(size)
             m.inference.observe(seconds)
@@ -393,18 +396,19 @@ class Processor(StopOnSignal):
         return committed
 
     def _rebuild(self, partition: int, end: int) -> None:
-        """Re-read backwards ``rebuild_chunk`` messages at a time until every key seen has ``window - 1``
-        readings before ``end``, the partition's history is exhausted, or the message cap or the time limit
-        is hit (a sparse key must not hold the assignment); then fill the windows oldest chunk first, one
-        bounded ``append`` per chunk."""
+        """Re-read backwards ``rebuild_chunk`` messages at a time until every key seen has the ``window - 1``
+        readings before ``end`` that fix its window (``RebuildCoverage``: with a grace, also those that out-of-order
+        readings may have been put between), the partition's history is exhausted, or the message cap or the
+        time limit is hit (a sparse key must not hold the assignment); then fill the windows oldest chunk first,
+        one bounded ``append`` per chunk."""
         cfg = self.config
         need = self.engine.windows.window - 1
+        coverage = RebuildCoverage(need, self.engine.windows.grace_ms)
         tp = TopicPartition(self.topics.sensors, partition)
         low, _ = retry_transient(lambda: self.rebuilder.get_watermark_offsets(tp, timeout=10),
                                  f"reading the offsets of partition {partition}")
         deadline = time.monotonic() + cfg.rebuild_timeout_s
         chunks: list[DecodedColumns] = []  # newest first
-        counts: dict[str, int] = {}
         hi, limit = end, None
         while hi > low:
             if end - hi >= cfg.rebuild_max_messages:
@@ -417,19 +421,15 @@ class Processor(StopOnSignal):
                 break
             cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
             chunks.append(cols)
-            new_keys = False
-            for k in cols.keys:
-                new_keys |= k not in counts
-                counts[k] = counts.get(k, 0) + 1
-            if not new_keys and all(c >= need for c in counts.values()):
+            if not coverage.add(cols.keys, cols.ts) and not coverage.short:
                 break
             hi = lo
         for cols in reversed(chunks):
             self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
-        short = sorted(k for k, c in counts.items() if c < need)
+        short = coverage.short
         if limit is not None and short:
             log.warning("partition %d: rebuild stopped at %s, re-read offsets [%d, %d); %d keys hold fewer than %d "
-                        "readings and score only once live readings fill them: %s%s", partition, limit, hi, end,
+                        "readings (or too few beyond the grace) and score only once live readings fill them: %s%s", partition, limit, hi, end,
                         len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
     def _read_range(self, partition: int, lo: int, hi: int, deadline: float) -> list[Message] | None:
