@@ -18,8 +18,8 @@ the next newest reading's window holds it in order. A re-send of a held reading 
 the readings of its key that arrived before it, never on how arrivals were cut into batches, so the
 processor, a restart's rebuild and the offline evaluator hold the same windows (``RebuildCoverage``
 says how much of a partition's history a rebuild has to re-read for that). A batch holding reordered
-readings is handled in runs between them (one small per-reading insert each): the in-order path stays
-a handful of array operations.
+readings is handled in rounds, one per reordered reading of its busiest key (``_append_around``): the
+in-order path stays a handful of array operations.
 
 The ring holds ``2 * window`` steps so that a key may receive up to ``window`` more readings in the
 same batch after one of its windows became ready, and that window is still intact when it is
@@ -238,7 +238,12 @@ class WindowStore:
                     slot = self._new_slot(keys[i], now, protected)
                     protected.add(slot)
                 slots[i] = slot
+        return self._append_to(slots, keys, ts, values, score, now, partitions)
 
+    def _append_to(self, slots: np.ndarray, keys: Sequence[str], ts: np.ndarray, values: np.ndarray, score: bool,
+                   now: float, partitions: np.ndarray | None) -> AppendResult:
+        """``append`` once every reading has its key's slot (``slots`` int64 [n])."""
+        n = len(slots)
         order = np.argsort(slots, kind="stable")
         s_sorted = slots[order]
         starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
@@ -257,8 +262,14 @@ class WindowStore:
         status_sorted = np.where(lifted > prev, OK, np.where(lifted == prev, DUPLICATE, LATE)).astype(np.int8)
         if self.grace_ms:
             in_grace = (lifted < prev) & (prev - lifted <= self.grace_ms)
-            if in_grace.any():  # nothing is written yet: redo the batch in runs around these readings
-                return self._append_around(np.sort(order[in_grace]), keys, ts, values, score, now, partitions)
+            if in_grace.any():  # nothing is written yet: redo the batch in rounds around these readings
+                in_grace_before = np.cumsum(in_grace) - in_grace
+                in_grace_before -= in_grace_before[starts][group]  # per key
+                rounds = np.empty(n, np.int64)
+                rounds[order] = in_grace_before
+                grace_at = np.zeros(n, bool)
+                grace_at[order] = in_grace
+                return self._append_around(rounds, grace_at, slots, keys, ts, values, score, now, partitions)
         accepted = status_sorted == OK
         acc_cum = np.cumsum(accepted)
         before_group = (acc_cum - accepted)[starts]
@@ -320,33 +331,50 @@ class WindowStore:
         return self.append(keys[lo:hi], ts[lo:hi], values[lo:hi], score, now,
                            None if partitions is None else partitions[lo:hi])
 
-    def _append_around(self, cuts: np.ndarray, keys: Sequence[str], ts: np.ndarray, values: np.ndarray,
-                       score: bool, now: float, partitions: np.ndarray | None) -> AppendResult:
-        """A batch with in-grace readings at arrival indices ``cuts`` (ascending): the runs between them go
-        through ``append`` (each gathers its ready windows before the next insert moves the ring), each
-        in-grace reading through ``_insert``. Their statuses are what ``append`` found on the whole batch:
-        an insert never moves a key's newest timestamp."""
-        pieces: list[tuple[int, AppendResult]] = []
+    def _append_around(self, rounds: np.ndarray, in_grace: np.ndarray, slots: np.ndarray, keys: Sequence[str],
+                       ts: np.ndarray, values: np.ndarray, score: bool, now: float,
+                       partitions: np.ndarray | None) -> AppendResult:
+        """A batch holding in-grace readings (``in_grace`` [n]), in rounds: round r appends, through ``append``,
+        each key's readings that follow r of its in-grace readings (which gathers their windows before an
+        insert moves a ring), then inserts each key's in-grace reading number r + 1 (``_insert``). Keys do
+        not share state, so this is the batch in arrival order, one key at a time, with as many rounds as
+        one key has in-grace readings in the batch. The statuses are what ``append`` found on the whole
+        batch: an insert never moves a key's newest timestamp."""
+        status = np.empty(len(slots), np.int8)
+        ready: list[np.ndarray] = []
+        windows: list[np.ndarray] = []
+        start_ts: list[np.ndarray] = []
+        for r in range(int(rounds.max()) + 1):
+            run = np.flatnonzero((rounds == r) & ~in_grace)
+            if len(run):
+                res = self._append_to(slots[run], [keys[i] for i in run.tolist()], ts[run], values[run], score,
+                                      now, None if partitions is None else partitions[run])
+                status[run] = res.status
+                ready.append(run[res.ready])
+                windows.append(res.windows)
+                start_ts.append(res.window_start_ts)
+            for i in np.flatnonzero((rounds == r) & in_grace).tolist():
+                status[i] = self._insert(int(slots[i]), int(ts[i]), values[i],
+                                         None if partitions is None else int(partitions[i]))
+        at = np.concatenate(ready) if ready else np.zeros(0, np.int64)
+        rank = np.empty(len(at), np.int64)
+        rank[np.argsort(at, kind="stable")] = np.arange(len(at))  # where each window goes, in arrival order
+        out = np.empty((len(at), self.window, self.n_features), np.float32)
+        out_start = np.empty(len(at), np.int64)
         lo = 0
-        for i in cuts.tolist():
-            if lo < i:
-                pieces.append((lo, self._append_slice(keys, ts, values, score, now, partitions, lo, i)))
-            status = self._insert(self._slot[keys[i]], int(ts[i]), values[i],
-                                  None if partitions is None else int(partitions[i]))
-            pieces.append((i, _nothing_ready(np.array([status], np.int8), self.window, self.n_features)))
-            lo = i + 1
-        if lo < len(keys):
-            pieces.append((lo, self._append_slice(keys, ts, values, score, now, partitions, lo, len(keys))))
-        return _joined(pieces, self.window, self.n_features)
+        for w, s in zip(windows, start_ts):  # one copy of each window, straight to its place
+            out[rank[lo:lo + len(w)]], out_start[rank[lo:lo + len(w)]] = w, s
+            lo += len(w)
+        return AppendResult(status, np.sort(at), out, out_start)
 
     def _insert(self, slot: int, ts: int, values: np.ndarray, partition: int | None) -> int:
         """Put one reading older than its key's newest, within the grace, at its place in the key's ring.
 
-        The ring holds the key's last ``min(count, ring)`` readings in timestamp order; the reading goes in
-        before the first newer one and the oldest falls off a full ring. Returns its status."""
+        The ring holds the key's last ``min(count, ring)`` readings in timestamp order; the newer ones move
+        up one position, the reading takes the freed one, and a full ring loses its oldest. Returns the status."""
         ring, count = self.ring, int(self._count[slot])
         held = min(count, ring)
-        pos = np.arange(count - held, count) % ring
+        pos = np.arange(count - held, count) % ring  # physical positions, oldest first
         held_ts = self._ts[slot, pos]
         at = int(np.searchsorted(held_ts, ts))
         if partition is not None:
@@ -360,17 +388,16 @@ class WindowStore:
         if at == 0 and held == ring:  # older than all the ring holds: it could never be in a window
             self.counters.late += 1
             return LATE
-        keep = min(held + 1, ring)
-        new_pos = np.arange(count + 1 - keep, count + 1) % ring
-        self._ts[slot, new_pos] = np.insert(held_ts, at, ts)[-keep:]
-        self._values[slot, new_pos] = np.insert(self._values[slot, pos], at, values, axis=0)[-keep:]
+        newer = pos[at:]  # never empty: the key's newest reading is newer than this one
+        moved = (newer + 1) % ring  # on a full ring the newest takes the oldest's place
+        self._ts[slot, moved], self._values[slot, moved] = self._ts[slot, newer], self._values[slot, newer]
+        self._ts[slot, pos[at]], self._values[slot, pos[at]] = ts, values
         self._ts[slot, ring:] = self._ts[slot, :self.window - 1]  # refresh the mirror
         self._values[slot, ring:] = self._values[slot, :self.window - 1]
         self._count[slot] = count + 1
         self.counters.appended += 1
         self.counters.reordered += 1
         return REORDERED
-
 
 def _nothing_ready(status: np.ndarray, window: int, n_features: int) -> AppendResult:
     return AppendResult(status, np.zeros(0, np.int64), np.zeros((0, window, n_features), np.float32),
