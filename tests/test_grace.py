@@ -18,7 +18,8 @@ from fabwatch.stream.engine import ScoringEngine, run_offline
 from fabwatch.stream.offline.evaluate import evaluate_file
 from fabwatch.stream.windows import LATE, REORDERED
 from onnx_fixtures import add_version, feature_names, readings
-from stream_helpers import produce, read_all, replay_and_serve, start_serve, stop
+from stream_helpers import (PARTITIONS, committed_offsets, produce, read_all, replay_and_serve, start_serve,
+                            stop, wait_for)
 
 pytestmark = pytest.mark.integration
 T0 = 1_700_000_000_000
@@ -78,18 +79,22 @@ def test_a_reading_2_s_out_of_order_is_scored_and_one_10_s_out_is_dead_lettered(
     assert {a["alert_id"] for a in alerts} == expected
 
 
-def test_evaluate_and_the_processor_agree_on_a_jittered_recording(settings, level_registry, tmp_path) -> None:
-    """A recording in arrival order (readings up to 4 s late, a few stragglers 9 s late, far-off values among
-    both): `replay` sends the rows as the file orders them per entity, `evaluate` scores them in that order."""
-    entities = [f"E{i}" for i in range(4)]
-    rows = readings(entities, 150, t0=T0, seed=5)
-    rng = np.random.default_rng(5)
+def _jittered(steps: int, seed: int) -> list[dict]:
+    """Four entities in arrival order: readings up to 4 s late, a few stragglers 9 s late, far-off values
+    among both."""
+    rows = readings([f"E{i}" for i in range(4)], steps, t0=T0, seed=seed)
+    rng = np.random.default_rng(seed)
     arrival = np.array([r["ts"] for r in rows]) + rng.integers(0, 4001, len(rows))
-    stragglers = rng.choice(len(rows), 8, replace=False)
-    arrival[stragglers] += 9_000
-    for i in rng.choice(len(rows), 12, replace=False).tolist():
+    arrival[rng.choice(len(rows), steps // 20, replace=False)] += 9_000
+    for i in rng.choice(len(rows), steps // 12, replace=False).tolist():
         rows[i] = _off(rows[i])
-    rows = [rows[i] for i in np.argsort(arrival, kind="stable")]
+    return [rows[i] for i in np.argsort(arrival, kind="stable")]
+
+
+def test_evaluate_and_the_processor_agree_on_a_jittered_recording(settings, level_registry, tmp_path) -> None:
+    """`replay` sends a recording's rows as the file orders them per entity, `evaluate` scores them in that
+    order: the same alert ids."""
+    rows = _jittered(150, seed=5)
     data = tmp_path / "jittered.csv"
     with open(data, "w", newline="") as f:
         w = csv.writer(f)
@@ -104,3 +109,35 @@ def test_evaluate_and_the_processor_agree_on_a_jittered_recording(settings, leve
     live = replay_and_serve(settings, data, level_registry, "grace-check", len(offline), tmp_path / "serve.log",
                             timeout_s=90)
     assert live == offline
+
+
+def test_a_restart_rebuilds_the_reordered_windows_an_uninterrupted_run_holds(topics, level_registry,
+                                                                             tmp_path) -> None:
+    """With a 20 s grace, step 30 (far off) arrives right after step 9 and steps 10..29 after it, all put in
+    order. The processor stops there; on restart its rebuild must re-read back to step 30, not only the last
+    9 arrivals (steps 21..29): else step 31's window misses step 30, the open alert closes at once, and the
+    ids differ from an uninterrupted run's."""
+    rows = readings(["A"], 60, t0=T0, seed=8)
+    rows[30] = _off(rows[30])
+    first = rows[:10] + [rows[30]] + rows[10:30]
+    expected = _offline_ids(level_registry, first + rows[31:], grace_ms=20_000)
+    too_short = _offline_ids(level_registry, rows[21:30] + rows[31:], grace_ms=20_000)  # steps 21..29 rebuilt
+    assert expected != too_short
+    produce(topics, topics.topics.sensors, first)
+    log = tmp_path / "serve.log"
+    args = ("--grace-ms", "20000", "--rebuild-chunk", "1")
+    proc = start_serve(topics, level_registry, *args, log_path=log)
+    try:
+        wait_for(lambda: max(committed_offsets(topics, "fabwatch-processor", topics.topics.sensors,
+                                               PARTITIONS).values()) == len(first),  # one key, one partition
+                 90, what="the first part processed and committed")
+    finally:
+        assert stop(proc) == 0
+    produce(topics, topics.topics.sensors, rows[31:])
+    proc = start_serve(topics, level_registry, *args, log_path=log)
+    try:
+        got = {json.loads(v)["alert_id"] for v in read_all(topics, topics.topics.alerts, expect=len(expected),
+                                                           timeout_s=90)}
+    finally:
+        assert stop(proc) == 0
+    assert got == expected
