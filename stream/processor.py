@@ -235,7 +235,8 @@ class Processor(StopOnSignal):
         dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
         late = cols.index[result.status == LATE]
         dead += [(int(i), RejectReason.late, f"older than the key's newest reading by more than the grace "
-                  f"({self.config.grace_ms} ms)") for i in late.tolist()]
+                  f"({self.config.grace_ms} ms), or than every reading its window buffer holds")
+                 for i in late.tolist()]
         conflicts = cols.index[result.status == CONFLICT]
         dead += [(int(i), RejectReason.conflicting_duplicate, "the key already has a reading at this timestamp, "
                   "with other values: the first one is kept") for i in conflicts.tolist()]

@@ -322,21 +322,19 @@ class WindowStore:
                partitions: np.ndarray | None) -> AppendResult:
         """``append`` the two halves of a batch one after the other (for bursts and for more keys than the cap)."""
         half = len(keys) // 2
-        return _joined([(0, self._append_slice(keys, ts, values, score, now, partitions, 0, half)),
-                        (half, self._append_slice(keys, ts, values, score, now, partitions, half, len(keys)))],
-                       self.window, self.n_features)
-
-    def _append_slice(self, keys: Sequence[str], ts: np.ndarray, values: np.ndarray, score: bool, now: float,
-                      partitions: np.ndarray | None, lo: int, hi: int) -> AppendResult:
-        return self.append(keys[lo:hi], ts[lo:hi], values[lo:hi], score, now,
-                           None if partitions is None else partitions[lo:hi])
+        parts = (None, None) if partitions is None else (partitions[:half], partitions[half:])
+        first = self.append(keys[:half], ts[:half], values[:half], score, now, parts[0])
+        second = self.append(keys[half:], ts[half:], values[half:], score, now, parts[1])
+        return AppendResult(np.r_[first.status, second.status], np.r_[first.ready, second.ready + half],
+                            np.concatenate([first.windows, second.windows]),
+                            np.r_[first.window_start_ts, second.window_start_ts])
 
     def _append_around(self, rounds: np.ndarray, in_grace: np.ndarray, slots: np.ndarray, keys: Sequence[str],
                        ts: np.ndarray, values: np.ndarray, score: bool, now: float,
                        partitions: np.ndarray | None) -> AppendResult:
-        """A batch holding in-grace readings (``in_grace`` [n]), in rounds: round r appends, through ``append``,
-        each key's readings that follow r of its in-grace readings (which gathers their windows before an
-        insert moves a ring), then inserts each key's in-grace reading number r + 1 (``_insert``). Keys do
+        """A batch holding in-grace readings (``in_grace`` [n]), in rounds: round r appends (``_append_to``)
+        each key's readings that follow r of its in-grace readings, gathering their windows before an insert
+        moves a ring, then inserts each key's in-grace reading number r + 1 (``_insert``). Keys do
         not share state, so this is the batch in arrival order, one key at a time, with as many rounds as
         one key has in-grace readings in the batch. The statuses are what ``append`` found on the whole
         batch: an insert never moves a key's newest timestamp."""
@@ -398,20 +396,6 @@ class WindowStore:
         self.counters.appended += 1
         self.counters.reordered += 1
         return REORDERED
-
-def _nothing_ready(status: np.ndarray, window: int, n_features: int) -> AppendResult:
-    return AppendResult(status, np.zeros(0, np.int64), np.zeros((0, window, n_features), np.float32),
-                        np.zeros(0, np.int64))
-
-
-def _joined(pieces: list[tuple[int, AppendResult]], window: int, n_features: int) -> AppendResult:
-    """One result from the results of consecutive slices of a batch, each given with its first index."""
-    if not pieces:
-        return _nothing_ready(np.zeros(0, np.int8), window, n_features)
-    return AppendResult(np.concatenate([r.status for _, r in pieces]),
-                        np.concatenate([r.ready + lo for lo, r in pieces]),
-                        np.concatenate([r.windows for _, r in pieces]),
-                        np.concatenate([r.window_start_ts for _, r in pieces]))
 
 
 class RebuildCoverage:
