@@ -12,7 +12,8 @@ Delivery
 
 State across restarts and rebalances
     Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
-    offset until each key has ``window - 1`` of them (no alerts for these), ``rebuild_chunk`` messages at a
+    offset until each key has ``window - 1`` of them, and with ``grace_ms`` enough older ones that no reading
+    put in order could be missing (``RebuildCoverage``; no alerts for these), ``rebuild_chunk`` messages at a
     time, within ``rebuild_max_messages`` and ``rebuild_timeout_s`` (the log says which keys stayed short).
     Assignment is cooperative-sticky: a rebalance hands each member only the partitions that move, so a
     scale step rebuilds those alone. An explicit ``instance_id`` also makes the member static
