@@ -431,8 +431,8 @@ class Processor(StopOnSignal):
         short = coverage.short
         if limit is not None and short:
             log.warning("partition %d: rebuild stopped at %s, re-read offsets [%d, %d); %d keys hold fewer than %d "
-                        "readings (or too few beyond the grace) and score only once live readings fill them: %s%s", partition, limit, hi, end,
-                        len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
+                        "readings (beyond the grace) and score only once live readings fill them: %s%s", partition,
+                        limit, hi, end, len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
     def _read_range(self, partition: int, lo: int, hi: int, deadline: float) -> list[Message] | None:
         """Messages with offsets in [lo, hi) of one partition (the rebuild consumer never commits); None when

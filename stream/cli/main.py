@@ -16,7 +16,8 @@ import typer
 
 from fabwatch.export.errors import UsageError
 from fabwatch.stream.cli.options import (BootstrapOpt, EntityColOpt, EntityOpt, FeaturesOpt, GraceOpt, JsonFlag,
-                                         LabelColOpt, MetricsHostOpt, TsColOpt, column_list, emit, require_extra, settings_for)
+                                         LabelColOpt, MetricsHostOpt, TsColOpt, column_list, emit, require_extra,
+                                         settings_for)
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 from fabwatch.stream.windows import DEFAULT_GRACE_MS

@@ -58,11 +58,11 @@ def serve(
     if not registry.is_dir():
         raise UsageError(f"no model registry at {registry}")
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
-                             stride=stride, grace_ms=grace_ms, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
-                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, metrics_host=metrics_host,
-                             liveness_timeout_s=liveness_timeout_s, rebuild_chunk=rebuild_chunk,
-                             rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s,
-                             instance_id=instance_id or None,
+                             stride=stride, grace_ms=grace_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_keys=max_keys, key_ttl_s=key_ttl_s or None, metrics_port=metrics_port,
+                             metrics_host=metrics_host, liveness_timeout_s=liveness_timeout_s,
+                             rebuild_chunk=rebuild_chunk, rebuild_max_messages=rebuild_max_messages,
+                             rebuild_timeout_s=rebuild_timeout_s, instance_id=instance_id or None,
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     processor = Processor(settings_for(bootstrap), config)
     processor.install_signal_handlers()
