@@ -15,7 +15,7 @@ import numpy as np
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.stream.policy import AlertPolicy, PolicyConfig, ScoredWindows
 from fabwatch.stream.schemas import Alert
-from fabwatch.stream.windows import WindowStore
+from fabwatch.stream.windows import DEFAULT_GRACE_MS, WindowStore
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ScoreColumns:
 @dataclass
 class EngineResult:
     alerts: list[Alert]
-    status: np.ndarray                        # int8 per reading: windows.OK / DUPLICATE / LATE / CONFLICT
+    status: np.ndarray                        # int8 per reading: windows.OK / DUPLICATE / LATE / CONFLICT / REORDERED
     scores: ScoreColumns
     inference_s: list[float] = field(default_factory=list)   # one per model call
     batch_sizes: list[int] = field(default_factory=list)
@@ -46,14 +46,17 @@ class ScoringEngine:
 
     ``ttl_s`` is the key TTL: the processor evicts windows idle that long (wall clock, ``evict_idle``) and the
     policy drops the state of keys silent that long (event time); the same default offline and online keeps
-    their alerts alike.
+    their alerts alike. ``grace_ms`` is how far out of order a reading may arrive and still be put in order
+    in its window (``WindowStore``); it too must be the same offline and online.
     """
 
     def __init__(self, model: ScoringModel, policy: PolicyConfig | None = None, stride: int = 1,
-                 max_keys: int = 100_000, ttl_s: float | None = DEFAULT_KEY_TTL_S, max_batch: int = 256):
+                 max_keys: int = 100_000, ttl_s: float | None = DEFAULT_KEY_TTL_S, max_batch: int = 256,
+                 grace_ms: int = DEFAULT_GRACE_MS):
         self.model = model
         self.max_batch = max_batch
-        self.windows = WindowStore(model.manifest.window, len(model.feature_names), stride, max_keys, ttl_s)
+        self.windows = WindowStore(model.manifest.window, len(model.feature_names), stride, max_keys, ttl_s,
+                                   grace_ms=grace_ms)
         self.policy = AlertPolicy(model.manifest, policy, ttl_s)
 
     @property

@@ -58,6 +58,8 @@ class ProcessorMetrics(ServingMetrics):
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
         self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
                                 "the message is skipped, only the log names it", ["reason"], registry=r)
+        self.reordered = Counter("fabwatch_reordered", "readings out of order within --grace-ms, put in order in "
+                                 "their window", registry=r)
         self.duplicates = Counter("fabwatch_duplicates", "identical re-sends dropped (same entity, timestamp and values)", registry=r)
         self.evicted = Counter("fabwatch_keys_evicted", "keys evicted from the window store", ["why"], registry=r)
         self.batch_size = Histogram("fabwatch_batch_size", "windows per model call", buckets=_BATCH_BUCKETS, registry=r)

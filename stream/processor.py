@@ -12,7 +12,8 @@ Delivery
 
 State across restarts and rebalances
     Windows are rebuilt on assignment by re-reading, per partition, the readings before the committed
-    offset until each key has ``window - 1`` of them (no alerts for these), ``rebuild_chunk`` messages at a
+    offset until each key has ``window - 1`` of them, and with ``grace_ms`` enough older ones that no reading
+    put in order could be missing (``RebuildCoverage``; no alerts for these), ``rebuild_chunk`` messages at a
     time, within ``rebuild_max_messages`` and ``rebuild_timeout_s`` (the log says which keys stayed short).
     Assignment is cooperative-sticky: a rebalance hands each member only the partitions that move, so a
     scale step rebuilds those alone. An explicit ``instance_id`` also makes the member static
@@ -67,7 +68,7 @@ from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.silences import SilencedAlerts, SilenceFeed, SilenceGate
 from fabwatch.stream.kafka.topics import ensure_topics
 from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
-from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
+from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE, REORDERED, RebuildCoverage
 
 log = logging.getLogger("fabwatch.processor")
 
@@ -85,6 +86,7 @@ class ProcessorConfig:
     exactly_once: bool = False
     emit_scores: bool = False
     stride: int = 1
+    grace_ms: int = DEFAULT_GRACE_MS  # a reading this much older than its key's newest is put in order, not late
     max_batch: int = 512
     max_wait_ms: int = 20
     max_keys: int = 100_000
@@ -117,7 +119,7 @@ class Processor(StopOnSignal):
         self.registry = Registry(config.registry)
         model = ScoringModel.from_registry(self.registry, providers=config.providers)
         self.engine = ScoringEngine(model, config.policy, config.stride, config.max_keys, config.key_ttl_s,
-                                    config.max_batch)
+                                    config.max_batch, grace_ms=config.grace_ms)
         self.decoder = BatchDecoder(model.feature_names, settings.max_message_bytes, settings.event_time_bounds())
         self.metrics = ProcessorMetrics()
         self.metrics.set_model(model.version, model.provider)
@@ -253,7 +255,9 @@ class Processor(StopOnSignal):
         now_ms = int(time.time() * 1000)
         dead: list[tuple[int, RejectReason, str]] = [(i, r.reason, r.detail) for i, r in cols.rejected]
         late = cols.index[result.status == LATE]
-        dead += [(int(i), RejectReason.late, "older than the key's last reading") for i in late.tolist()]
+        dead += [(int(i), RejectReason.late, f"older than the key's newest reading by more than the grace "
+                  f"({self.config.grace_ms} ms), or than every reading its window buffer holds")
+                 for i in late.tolist()]
         conflicts = cols.index[result.status == CONFLICT]
         dead += [(int(i), RejectReason.conflicting_duplicate, "the key already has a reading at this timestamp, "
                   "with other values: the first one is kept") for i in conflicts.tolist()]
@@ -337,6 +341,7 @@ class Processor(StopOnSignal):
         m = self.metrics
         m.scored.inc(len(result.scores.index))
         m.duplicates.inc(int(np.count_nonzero(result.status == DUPLICATE)))
+        m.reordered.inc(int(np.count_nonzero(result.status == REORDERED)))
         for size, seconds in zip(result.batch_sizes, result.inference_s):
             m.batch_size.observe(size)
             m.inference.observe(seconds)
@@ -415,31 +420,29 @@ class Processor(StopOnSignal):
         return committed
 
     def _rebuild(self, partition: int, end: int) -> None:
-        """Re-read backwards (``read_back``) until every key seen has ``window - 1`` readings before ``end``;
-        then fill the windows oldest chunk first, one bounded ``append`` per chunk."""
+        """Re-read backwards (``read_back``) until every key seen has the ``window - 1`` readings before ``end``
+        that fix its window (``RebuildCoverage``: with a grace, also those that out-of-order readings may have been
+        put between); then fill the windows oldest chunk first, one bounded ``append`` per chunk."""
         cfg = self.config
         need = self.engine.windows.window - 1
+        coverage = RebuildCoverage(need, self.engine.windows.grace_ms)
         decoded: list[DecodedColumns] = []  # newest first
-        counts: dict[str, int] = {}
 
         def enough(msgs: list[Message]) -> bool:
             cols = self.decoder.decode([m.value() for m in msgs], _broker_ms(msgs))
             decoded.append(cols)
-            new_keys = False
-            for k in cols.keys:
-                new_keys |= k not in counts
-                counts[k] = counts.get(k, 0) + 1
-            return not new_keys and all(c >= need for c in counts.values())
+            return not coverage.add(cols.keys, cols.ts) and not coverage.short
 
         history = read_back(self.rebuilder, self.topics.sensors, partition, end, cfg.rebuild_chunk,
                             cfg.rebuild_max_messages, cfg.rebuild_timeout_s, enough)
         for cols in reversed(decoded):
             self.engine.warm(cols.keys, cols.ts, cols.values, partitions=np.full(len(cols.keys), partition, np.int32))
-        short = sorted(k for k, c in counts.items() if c < need)
+        short = coverage.short
         if history.limit is not None and short:
             log.warning("partition %d: rebuild stopped at %s, re-read offsets [%d, %d); %d keys hold fewer than %d "
-                        "readings and score only once live readings fill them: %s%s", partition, history.limit,
-                        history.start, end, len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
+                        "readings (beyond the grace) and score only once live readings fill them: %s%s", partition,
+                        history.limit, history.start, end, len(short), need, ", ".join(short[:10]),
+                        ", ..." if len(short) > 10 else "")
 
     # ---- hot reload -------------------------------------------------------------------------
     def _swap_if_pending(self) -> None:

@@ -10,13 +10,14 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Consumer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.offline.files import ColumnMap, read_table, to_records
+from fabwatch.stream.offline.files import ColumnMap, arrival_order, read_table, to_records
 from fabwatch.stream.offline.replay import load_records
 
 
@@ -31,6 +32,15 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
         cols = list(rows[0])
         path.write_text(",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows))
     return path
+
+
+def test_rows_come_in_arrival_order_by_time_but_each_entity_in_file_order() -> None:
+    """Grouped by entity or by time, a file replays interleaved in time; a row older than an earlier row of its
+    entity stays after it (the out-of-order reading the processor would meet), not sorted back."""
+    grouped = arrival_order(["a", "a", "a", "b", "b", "b"], np.array([10, 20, 30, 15, 25, 35]))
+    assert grouped.tolist() == [0, 3, 1, 4, 2, 5]
+    late = arrival_order(["a", "b", "a", "a", "b"], np.array([10, 12, 30, 20, 40]))
+    assert late.tolist() == [0, 1, 2, 3, 4]  # "a" at 20 arrives after "a" at 30, before "b" at 40
 
 
 def _rows(n: int = 20, span_s: float = 10.0) -> list[dict]:

@@ -15,10 +15,12 @@ import pydantic
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import (BootstrapOpt, EntityColOpt, EntityOpt, FeaturesOpt, JsonFlag, LabelColOpt,
-                                         MetricsHostOpt, TsColOpt, column_list, emit, require_extra, settings_for)
+from fabwatch.stream.cli.options import (BootstrapOpt, EntityColOpt, EntityOpt, FeaturesOpt, GraceOpt, JsonFlag,
+                                         LabelColOpt, MetricsHostOpt, TsColOpt, column_list, emit, require_extra,
+                                         settings_for)
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
+from fabwatch.stream.windows import DEFAULT_GRACE_MS
 
 app = typer.Typer(help="fabwatch: streaming anomaly and delay detection on Kafka.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -195,6 +197,7 @@ def evaluate_cmd(
     plot_entity: Annotated[Optional[str], typer.Option("--plot-entity", help="entity to plot (default: most labelled)")] = None,
     skip_rows: Annotated[int, typer.Option("--skip-rows", min=0, help="exclude each entity's first N rows (training prefix)")] = 0,
     stride: Annotated[int, typer.Option(min=1, help="as `serve --stride`")] = 1,
+    grace_ms: GraceOpt = DEFAULT_GRACE_MS,
     min_consecutive: Annotated[int, typer.Option(min=1, help="as `serve --min-consecutive`")] = 1,
     cooldown_ms: Annotated[int, typer.Option(min=0, help="as `serve --cooldown-ms`")] = 0,
     from_topic: Annotated[Optional[str], typer.Option("--from-topic", help="compare with the alerts on this topic")] = None,
@@ -216,6 +219,7 @@ def evaluate_cmd(
 
     ev = evaluate.evaluate_file(registry, data, label_col=label_col, fmt=fmt, entity_col=entity_col, ts_col=ts_col,
                                 features=column_list(features), entity=entity, skip_rows=skip_rows, stride=stride,
+                                grace_ms=grace_ms,
                                 policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms),
                                 silences=load_silences(silences) if silences is not None else None)
     report = dict(ev.metrics)

@@ -28,6 +28,10 @@ EntityOpt = Annotated[Optional[str], typer.Option("--entity", help="name of the 
                                                   "entity column (default: all)")]
 FeaturesOpt = Annotated[Optional[str], typer.Option("--features", help="comma-separated feature columns "
                                                     "(inferred: numeric columns not named like entity/ts/label)")]
+# `serve` and `evaluate` must agree on it for their windows, and so their alerts, to agree
+GraceOpt = Annotated[int, typer.Option("--grace-ms", min=0, help="a reading up to this much older than its "
+                                       "entity's newest is put in order in the window, not dead-lettered as late "
+                                       "(0: every out-of-order reading is late)")]
 LabelColOpt = Annotated[Optional[str], typer.Option("--label-col", help="0/1 label column (inferred: label, "
                                                     "is_anomaly, anomaly)")]
 

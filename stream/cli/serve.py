@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, JsonFlag, MetricsHostOpt, settings_for
+from fabwatch.stream.cli.options import BootstrapOpt, GraceOpt, JsonFlag, MetricsHostOpt, settings_for
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
+from fabwatch.stream.windows import DEFAULT_GRACE_MS
 
 def serve(
     registry: Annotated[Path, typer.Option("--registry", help="model registry directory (serves its `current`)")],
@@ -22,6 +23,7 @@ def serve(
                                                "(downstream consumers read_committed)")] = False,
     emit_scores: Annotated[bool, typer.Option("--emit-scores", help="also produce every window score")] = False,
     stride: Annotated[int, typer.Option(min=1, help="score ~1 reading in K per key")] = 1,
+    grace_ms: GraceOpt = DEFAULT_GRACE_MS,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics, /ready and /healthz on this "
                                                         "port")] = None,
     metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
@@ -60,11 +62,12 @@ def serve(
     if silenced_alerts not in ("drop", "mark"):
         raise UsageError(f"--silenced-alerts takes drop or mark, not {silenced_alerts!r}")
     config = ProcessorConfig(registry=registry, group_id=group, exactly_once=exactly_once, emit_scores=emit_scores,
-                             stride=stride, max_batch=max_batch, max_wait_ms=max_wait_ms, max_keys=max_keys,
-                             key_ttl_s=key_ttl_s or None, metrics_port=metrics_port, metrics_host=metrics_host,
-                             liveness_timeout_s=liveness_timeout_s, rebuild_chunk=rebuild_chunk,
-                             rebuild_max_messages=rebuild_max_messages, rebuild_timeout_s=rebuild_timeout_s,
-                             instance_id=instance_id or None, silenced_alerts=silenced_alerts,  # type: ignore[arg-type]
+                             stride=stride, grace_ms=grace_ms, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_keys=max_keys, key_ttl_s=key_ttl_s or None, metrics_port=metrics_port,
+                             metrics_host=metrics_host, liveness_timeout_s=liveness_timeout_s,
+                             rebuild_chunk=rebuild_chunk, rebuild_max_messages=rebuild_max_messages,
+                             rebuild_timeout_s=rebuild_timeout_s, instance_id=instance_id or None,
+                             silenced_alerts=silenced_alerts,  # type: ignore[arg-type]
                              policy=PolicyConfig(min_consecutive=min_consecutive, cooldown_ms=cooldown_ms))
     processor = Processor(settings_for(bootstrap), config)
     processor.install_signal_handlers()

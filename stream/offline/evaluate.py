@@ -25,7 +25,7 @@ from fabwatch.stream.policy import Figures, PolicyConfig
 from fabwatch.stream.offline.replay import load_records
 from fabwatch.stream.schemas import Alert, Silence
 from fabwatch.stream.silences import SilenceGate, SilenceSet
-from fabwatch.stream.windows import CONFLICT, DUPLICATE, LATE
+from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE, REORDERED
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Evaluation:
     rows_in_file: int
     score: np.ndarray       # float32 [N] per record, NaN until the entity's first full window
     pred: np.ndarray        # int8 [N]: 1 while an alert is open for the entity
-    status: np.ndarray      # int8 [N]: windows.OK / DUPLICATE / LATE / CONFLICT, the processor's verdict
+    status: np.ndarray      # int8 [N]: windows.OK / DUPLICATE / LATE / CONFLICT / REORDERED, the processor's verdict
     alerts: list[Alert]
     threshold: float
     close_threshold: float
@@ -77,7 +77,8 @@ def _carry_forward(score: np.ndarray, entity: Sequence[str]) -> np.ndarray:
 def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, fmt: str | None = None,
                   entity_col: str | None = None, ts_col: str | None = None, features: Sequence[str] | None = None,
                   entity: str | None = None, skip_rows: int = 0, stride: int = 1, policy: PolicyConfig | None = None,
-                  providers: Sequence[str] | None = None, silences: Sequence[Silence] | None = None) -> Evaluation:
+                  providers: Sequence[str] | None = None, silences: Sequence[Silence] | None = None,
+                  grace_ms: int = DEFAULT_GRACE_MS) -> Evaluation:
     """Score ``data`` with the registry's current model. ``features`` is there so `train`'s column options can be
     passed as they are: the model reads the features it was trained on, by name. ``silences``: the alerts they
     cover are dropped as the processor drops them, before ``pred`` and the metrics see them."""
@@ -92,7 +93,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
                            label_col=label_col, entity=entity)
     if len(records.ts) == 0:
         raise UsageError(f"{data.name}: no valid rows")
-    engine = ScoringEngine(model, policy, stride=stride)
+    engine = ScoringEngine(model, policy, stride=stride, grace_ms=grace_ms)
     start = time.perf_counter()
     alerts, score_cols, status = run_offline(engine, records.entity, records.ts, records.values.astype(np.float32))
     seconds = time.perf_counter() - start
@@ -111,6 +112,7 @@ def evaluate_file(registry: Path, data: Path, *, label_col: str | None = None, f
                      # what the processor drops (duplicates) or dead-letters (late, conflicting_duplicate)
                      "duplicates_dropped": int(np.count_nonzero(status == DUPLICATE)),
                      "rows_late": int(np.count_nonzero(status == LATE)),
+                     "rows_reordered": int(np.count_nonzero(status == REORDERED)),
                      "rows_conflicting_duplicate": int(np.count_nonzero(status == CONFLICT)),
                      "alerts_opened": sum(a.state == "open" for a in alerts),
                      **({"alerts_silenced": len(silenced)} if silences is not None else {}),

@@ -136,7 +136,7 @@ def replay(messages: Messages, settings: Settings, topic: str, speed: float | No
     producer = Producer(settings.client_config(**{"enable.idempotence": True, "linger.ms": 5,
                                                   "compression.type": "lz4", "batch.num.messages": 10000}))
     ts, keys = messages.ts, messages.keys
-    span = int(ts[-1] - ts[0])
+    span = int(ts.max() - ts.min())
     step = int(np.median(np.diff(ts))) if n > 1 else 1000
     rel_s = (ts - ts[0]).astype(np.float64) / 1000.0
     total = limit if limit is not None else (None if loop else n)
