@@ -313,6 +313,7 @@ class Trainer:
         record: dict = {"check": "drift", "serving": serving.version, "rows": recent.num_rows,
                         "window_s": opts.drift_window_s, "limit": opts.drift_limit}
         psi: dict[str, float] = {}
+        reason = "no feature of the store is in the reference"  # unless one of these says why
         if not serving.drift_reference:
             reason = f"{serving.version} has no drift reference (made before drift checks); its successor will"
             if serving.version not in self._no_drift_reference:
@@ -324,7 +325,6 @@ class Trainer:
             names = self.store.feature_names
             x = np.column_stack([recent.column(f).to_numpy(zero_copy_only=False) for f in names])
             psi = drift.feature_psi(serving.drift_reference, x, names)
-            reason = "no feature of the store is in the reference" if not psi else ""
         self.metrics.feature_drift.clear()
         for name, value in psi.items():
             self.metrics.feature_drift.labels(name).set(value)
