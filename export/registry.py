@@ -57,6 +57,13 @@ class Scaler(BaseModel):
     std: list[float]
 
 
+class FeatureBins(BaseModel):
+    """One feature's training distribution for drift checks (``fabwatch.models.training.drift``)."""
+
+    edges: list[float] = Field(description="decile edges of the training rows, ascending, duplicates merged")
+    shares: list[float] = Field(description="share of training rows in each of the len(edges) + 1 bins")
+
+
 class Thresholds(BaseModel):
     """Alert policy figures, in the units of the model's score."""
 
@@ -110,6 +117,8 @@ class Manifest(BaseModel):
     outputs: list[str] = Field(default_factory=list)
     parity: dict[str, float] = Field(default_factory=dict, description="max |ONNX - TF| per file")
     data_fingerprint: str = ""
+    drift_reference: dict[str, FeatureBins] = Field(default_factory=dict, description="feature -> its training "
+                                                    "distribution; empty in versions made before drift checks")
     metrics: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict, description="task-specific settings (logkeys: vocabulary, h, top_g)")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256, every file but the manifest")

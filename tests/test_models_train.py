@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from fabwatch.export.onnx_export import FORBIDDEN_OPS, op_histogram
 from fabwatch.export.runtime import ScoringModel
-from fabwatch.models.training import data, synth
+from fabwatch.models.training import data, drift, synth
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,11 @@ def test_manifest_holds_the_serving_contract(trained) -> None:
     assert set(m.calibration) == {"mean", "std"} and m.calibration["std"] > 0
     assert {"model.onnx", "model.fp16.onnx", "keras/ensemble.keras"} <= set(m.files)
     assert m.metrics["training"]["windows_per_s"] > 0 and len(m.data_fingerprint) == 64
+    # the training rows' distribution, for drift checks: the training file itself shows none
+    assert set(m.drift_reference) == set(synth.FEATURES)
+    table = pq.read_table(Path(m.extra["config"]["data"]))
+    x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES])
+    assert max(drift.feature_psi(m.drift_reference, x, synth.FEATURES).values()) < 0.01
 
 
 def test_export_command_writes_a_new_version_from_the_keras_model(trained) -> None:

@@ -18,6 +18,13 @@ no poll interval to exceed, whatever the retrain's length. Readings that arrive 
 Kafka. Not chosen: a thread that keeps polling a paused consumer would keep the membership, but it
 must pause whatever a rebalance assigns and hand its errors to the trainer, all to save one group
 join (seconds) per retrain.
+
+Drift: every ``drift_every_s`` (and once after the first ingest) the trainer compares the store's newest
+``drift_window_s`` of readings with the serving version's training distribution, feature by feature
+(``models/training/drift.py``), and records the check in ``decisions.jsonl`` and the metrics. With
+``retrain_on_drift`` a check over ``drift_limit`` retrains before the schedule, unless a retrain ended less
+than ``drift_gap_s`` ago: a candidate the gate rejects leaves the drift where it was, and the gap keeps that
+from retraining at every check. The gap counts within one trainer process.
 """
 
 from __future__ import annotations
@@ -43,20 +50,23 @@ from fabwatch.export.errors import UsageError
 from fabwatch.export.registry import Manifest, PromotionConflict, Registry, sha256_file
 from fabwatch.export.runtime import ScoringModel
 from fabwatch.models.sidecar.store import ReadingStore, StoreStats, StoreWriter
-from fabwatch.models.training import calibrate, data
+from fabwatch.models.training import calibrate, data, drift
 from fabwatch.models.training.metrics import average_precision
 from fabwatch.stream.kafka.config import Settings
 
 log = logging.getLogger("fabwatch.trainer")
 
 Decision = Literal["promoted", "rejected", "skipped", "conflict"]  # conflict: current changed meanwhile
+# a drift check's: max PSI within the limit, over it (no retrain asked), over it and retrain now, over it but the
+# last retrain is too recent (drift_gap_s), or no figure (no reference in the manifest, too few recent readings)
+DriftDecision = Literal["none", "drifted", "retrain", "too_soon", "unavailable"]
 
 
-def parse_every(text: str) -> float:
-    """'90s', '10m', '6h', '1d' -> seconds."""
+def parse_every(text: str, option: str = "--every") -> float:
+    """'90s', '10m', '6h', '1d' -> seconds; ``option`` names the flag in the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
     if not m:
-        raise UsageError(f"--every takes a duration like 30s, 10m, 6h or 1d, not {text!r}")
+        raise UsageError(f"{option} takes a duration like 30s, 10m, 6h or 1d, not {text!r}")
     return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
@@ -137,6 +147,11 @@ class TrainerOptions:
     seed: int = 0
     retention_days: float | None = 90.0
     retention_bytes: int | None = None
+    drift_window_s: float = 86_400.0  # readings the drift check looks at: this much event time to the newest
+    drift_every_s: float = 3_600.0
+    drift_limit: float = 0.25  # max feature PSI above which the readings have drifted (PSI's "major shift")
+    retrain_on_drift: bool = False
+    drift_gap_s: float = 6 * 3_600.0  # a drift retrain waits this long after the end of the last retrain
 
 
 class TrainerMetrics:
@@ -158,6 +173,13 @@ class TrainerMetrics:
                                     "promoted a version (processors should load one after it)", registry=self.registry)
         self.next_retrain = Gauge("fabwatch_trainer_next_retrain_timestamp_seconds", "when the next scheduled "
                                   "retrain is due", registry=self.registry)
+        self.feature_drift = Gauge("fabwatch_trainer_feature_drift", "PSI of each feature over the drift window "
+                                   "against the serving version's training data", ["feature"], registry=self.registry)
+        self.drift_max = Gauge("fabwatch_trainer_drift_max", "largest feature PSI at the last drift check (NaN: "
+                               "unavailable)", registry=self.registry)
+        self.drift_max.set(float("nan"))
+        self.drift_limit = Gauge("fabwatch_trainer_drift_limit", "max PSI above which readings have drifted "
+                                 "(--drift-limit)", registry=self.registry)
 
 
 def hold_out(table: pa.Table, fraction: float) -> tuple[pa.Table, list[tuple[int, int, int]]]:
@@ -239,6 +261,9 @@ class Trainer:
         self.store_stats = StoreStats()  # over every writer: one per stretch between retrains
         self.writer: StoreWriter | None = None
         self._skipped_reported = 0
+        self.metrics.drift_limit.set(options.drift_limit)
+        self._last_retrain_end: float | None = None  # time.monotonic()
+        self._no_drift_reference: set[str] = set()  # versions already logged as lacking one
 
     def _open_writer(self) -> StoreWriter:
         """The store writer, joining the group (from the committed offsets) if it is closed."""
@@ -276,9 +301,59 @@ class Trainer:
         self._report_store()
         return self.store_stats.rows_written - before
 
-    def retrain_once(self) -> dict:
+    def check_drift(self) -> dict:
+        """PSI of each feature over the store's newest ``drift_window_s`` against the serving version's
+        ``drift_reference``; sets the drift metrics and appends the check to ``decisions.jsonl`` (marked
+        ``"check": "drift"``). Its ``decision`` is a :data:`DriftDecision`; on ``retrain`` the caller retrains."""
+        opts = self.options
+        if self.writer is not None:
+            self.writer.flush()  # readings consumed so far count
+        serving = self.registry.manifest(self.registry.current_version())
+        recent = self.store.recent(int(opts.drift_window_s * 1000))
+        record: dict = {"check": "drift", "serving": serving.version, "rows": recent.num_rows,
+                        "window_s": opts.drift_window_s, "limit": opts.drift_limit}
+        psi: dict[str, float] = {}
+        reason = "no feature of the store is in the reference"  # unless one of these says why
+        if not serving.drift_reference:
+            reason = f"{serving.version} has no drift reference (made before drift checks); its successor will"
+            if serving.version not in self._no_drift_reference:
+                self._no_drift_reference.add(serving.version)
+                log.warning("drift unavailable: %s", reason)
+        elif recent.num_rows < drift.MIN_ROWS:
+            reason = f"{recent.num_rows} readings in the drift window; a check needs {drift.MIN_ROWS}"
+        else:
+            names = self.store.feature_names
+            x = np.column_stack([recent.column(f).to_numpy(zero_copy_only=False) for f in names])
+            psi = drift.feature_psi(serving.drift_reference, x, names)
+        self.metrics.feature_drift.clear()
+        for name, value in psi.items():
+            self.metrics.feature_drift.labels(name).set(value)
+        if not psi:
+            self.metrics.drift_max.set(float("nan"))
+            record.update(decision="unavailable", reason=reason)
+        else:
+            worst = max(psi, key=psi.__getitem__)
+            self.metrics.drift_max.set(psi[worst])
+            record.update(psi={k: round(v, 4) for k, v in psi.items()}, max_psi=round(psi[worst], 4), feature=worst,
+                          decision=self._drift_decision(psi[worst]))
+        self.registry.record_decision(record)
+        log.info("drift check: %s", json.dumps({k: v for k, v in record.items() if k != "psi"}))
+        return record
+
+    def _drift_decision(self, max_psi: float) -> DriftDecision:
+        opts = self.options
+        if max_psi <= opts.drift_limit:
+            return "none"
+        if not opts.retrain_on_drift:
+            return "drifted"
+        if self._last_retrain_end is not None and time.monotonic() - self._last_retrain_end < opts.drift_gap_s:
+            return "too_soon"
+        return "retrain"
+
+    def retrain_once(self, trigger: Literal["schedule", "drift"] = "schedule") -> dict:
         """Retrain, gate, and promote or reject; every decision is appended to ``decisions.jsonl``.
-        The store's consumer is closed first (see the module docstring); ``ingest`` or ``run`` reopens it."""
+        The store's consumer is closed first (see the module docstring); ``ingest`` or ``run`` reopens it.
+        ``trigger``: what started it, recorded with the decision."""
         lock = TrainerLock(self.options.registry)
         if not lock.acquire():
             record = {"decision": "skipped", "reason": f"another trainer holds {lock.path}"}
@@ -290,7 +365,9 @@ class Trainer:
             record = self._retrain()
         finally:
             lock.release()
+        self._last_retrain_end = time.monotonic()
         record["duration_s"] = round(time.time() - started, 1)
+        record["trigger"] = trigger
         self.registry.record_decision(record)
         self.metrics.decisions.labels(record["decision"]).inc()
         self.metrics.last_retrain.set(time.time())
@@ -392,7 +469,8 @@ class Trainer:
 
     def run(self, every_s: float | None = None, daily: str | None = None, once: bool = False,
             stop: Callable[[], bool] = lambda: False) -> None:
-        """Ingest continuously; retrain now (``once``), every ``every_s`` seconds, or daily at HH:MM UTC."""
+        """Ingest continuously; retrain now (``once``), every ``every_s`` seconds, or daily at HH:MM UTC; check
+        drift after the first ingest and every ``drift_every_s``, retraining early if it asks to."""
         def due_after(now: datetime) -> datetime:
             if daily:
                 return next_daily(daily, now)
@@ -400,13 +478,19 @@ class Trainer:
 
         self.ingest()
         if once:
+            self.check_drift()
             self.retrain_once()
             return
         next_at = due_after(datetime.now(timezone.utc))
         log.info("next retrain at %s", next_at.isoformat(timespec="seconds"))
         self.metrics.next_retrain.set(next_at.timestamp())
+        next_drift_check = time.monotonic()  # the first right after the first ingest
         while not stop():
             self._open_writer().poll_once(1.0)
+            if time.monotonic() >= next_drift_check:
+                next_drift_check = time.monotonic() + self.options.drift_every_s
+                if self.check_drift()["decision"] == "retrain":
+                    self.retrain_once(trigger="drift")
             if datetime.now(timezone.utc) >= next_at:
                 self.retrain_once()
                 next_at = due_after(datetime.now(timezone.utc))

@@ -27,7 +27,7 @@ from fabwatch.export.errors import UsageError
 from fabwatch.export.onnx_export import keras_to_onnx, to_fp16
 from fabwatch.export.registry import Manifest, Registry, Thresholds, ThresholdsBy
 from fabwatch.export.runtime import create_session
-from fabwatch.models.training import calibrate, data
+from fabwatch.models.training import calibrate, data, drift
 from fabwatch.models import ensemble
 from fabwatch.models.common import Size, Task, prediction_loss
 from fabwatch.models.members import monitor
@@ -239,6 +239,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     manifest = Manifest(
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
         scaler=split.scaler, members=ensemble.member_names(cfg.task), data_fingerprint=table.fingerprint,
+        drift_reference=drift.reference(table.x, split.feature_names),  # every row of the file, as readings arrive
         metrics={"training": report},
         extra=extra | {"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
                "target": {"mean": target[0], "std": target[1]}})

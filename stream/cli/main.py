@@ -264,6 +264,15 @@ def trainer_cmd(
     epochs: Annotated[Optional[int], typer.Option(min=1, help="override the training epochs")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="few epochs, every 4th window (demo, CI)")] = False,
     cold_start: Annotated[bool, typer.Option("--cold-start", help="train from scratch, not from the serving weights")] = False,
+    drift_window: Annotated[str, typer.Option("--drift-window", help="drift check: compare this much of the newest "
+                                              "readings (DURATION) with the serving version's training data")] = "24h",
+    drift_every: Annotated[str, typer.Option("--drift-every", help="check drift every DURATION")] = "1h",
+    drift_limit: Annotated[float, typer.Option("--drift-limit", min=0, help="a feature's PSI above this is drift "
+                                               "(under 0.1 none, 0.1-0.25 moderate, above 0.25 major)")] = 0.25,
+    retrain_on_drift: Annotated[bool, typer.Option("--retrain-on-drift", help="retrain before the schedule when "
+                                                   "drift passes --drift-limit")] = False,
+    drift_gap: Annotated[str, typer.Option("--drift-gap", help="a drift retrain waits DURATION after the last "
+                                           "retrain ended")] = "6h",
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics on this port")] = None,
     metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
     bootstrap: BootstrapOpt = None,
@@ -280,7 +289,10 @@ def trainer_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = TrainerOptions(registry=registry, store=store, recent_days=recent_days, older_sample=older_sample,
                              margin=margin, quality_floor=quality_floor, time_budget_s=parse_every(time_budget) if time_budget else None,
-                             epochs=epochs, quick=quick, warm_start=not cold_start)
+                             epochs=epochs, quick=quick, warm_start=not cold_start,
+                             drift_window_s=parse_every(drift_window, "--drift-window"),
+                             drift_every_s=parse_every(drift_every, "--drift-every"), drift_limit=drift_limit,
+                             retrain_on_drift=retrain_on_drift, drift_gap_s=parse_every(drift_gap, "--drift-gap"))
     trainer = Trainer(settings_for(bootstrap), options)
     if metrics_port is not None:
         serve_metrics(trainer.metrics, metrics_port, metrics_host)
