@@ -24,6 +24,21 @@ def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+MembersOpt = Annotated[Optional[str], typer.Option(
+    help="the ensemble's members: a comma list (stacked_lstm,patchtst) or +NAME to add to the default five "
+         "(+patchtst); architectures: stacked_lstm, residual_gru, cnn_lstm, spike, rule_based, patchtst")]
+
+
+def _members(spec: str | None) -> list[str]:
+    """``--members`` as a list of architectures (imports TensorFlow: call it inside the command)."""
+    from fabwatch.models import ensemble
+
+    try:
+        return ensemble.resolve_members(spec)
+    except ValueError as exc:
+        raise UsageError(f"--members: {exc}") from None
+
+
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
     if value is not None and value not in allowed:
         raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
@@ -66,6 +81,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
           epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per stage (early stopping)")] = None,
           quick: Annotated[bool, typer.Option("--quick", help="tiny ensemble, few epochs: CI and demos")] = False,
           size: Annotated[Optional[str], typer.Option(help="full | small | tiny")] = None,
+          members: MembersOpt = None,
           batch_size: Annotated[Optional[int], typer.Option(help="windows per batch")] = None,
           stride: Annotated[Optional[int], typer.Option(help="a training window every STRIDE steps")] = None,
           seed: Annotated[int, typer.Option(help="reproducible initialisation and shuffling")] = 0,
@@ -91,9 +107,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
 
+    member_list = _members(members)
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
-               "promote": not no_promote, "warm_start": warm_start, "force": force,
+               "promote": not no_promote, "warm_start": warm_start, "force": force, "members": member_list,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
                                         nan_tolerance=nan_tolerance, target_far=target_far, window=window,
@@ -142,14 +159,18 @@ def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")
                    features: Annotated[int, typer.Option(help="features per reading")] = 12,
                    window: Annotated[int, typer.Option(help="steps per window")] = 100,
                    task: Annotated[str, typer.Option(help="classify | regress | forecast")] = "classify",
+                   members: Annotated[Optional[str], typer.Option(
+                       help="as train's --members (default: every architecture, the default five and patchtst)")]
+                   = None,
                    as_json: JsonFlag = False) -> None:
     """Parameter count of every member, the gate and the whole ensemble, against the design figures."""
     _choice(size, SIZES, "--size")
     _choice(task, TASKS, "--task")
     from fabwatch.models import ensemble
 
-    counts = ensemble.parameter_counts(ensemble.build(window, features, task, size))
-    design = ensemble.design_parameters()
+    names = _members(members) if members else list(ensemble.ARCHITECTURES)
+    counts = ensemble.parameter_counts(ensemble.build(window, features, task, size, members=names))
+    design = ensemble.design_parameters(names)
     rows = {name: {"parameters": n, "design": design.get(name),
                    "deviation": (n - design[name]) / design[name] if size == "full" and name in design else None}
             for name, n in counts.items()}
