@@ -283,6 +283,39 @@ def bench_inference(batches: Annotated[Optional[str], typer.Option(
     emit(result, as_json, "\n".join(lines))
 
 
+def bench_members(size: Annotated[str, typer.Option(help="size of the members trained for the quality figures: "
+                                                     "full | small | tiny (speed is at full size)")] = "small",
+                  entities: Annotated[int, typer.Option(min=1, help="synthetic entities")] = 6,
+                  steps: Annotated[int, typer.Option(min=300, help="synthetic readings per entity")] = 2500,
+                  epochs: Annotated[int, typer.Option(min=1, help="epochs per member")] = 3,
+                  far: Annotated[float, typer.Option(min=0.0001, max=0.5, help="false-alarm rate of the detection-rate "
+                                                                                "figure")] = 0.01,
+                  speed: Annotated[bool, typer.Option(help="parameters and CPU inference rate per member")] = True,
+                  quality: Annotated[bool, typer.Option(help="each member trained alone on synthetic data")] = True,
+                  as_json: JsonFlag = False) -> None:
+    """Every architecture side by side: parameters and CPU ONNX inference rate at full size, and each member
+    trained alone on labelled synthetic data (validation ROC-AUC, PR-AUC, detection rate at a fixed FAR)."""
+    require_extra("eval", "sklearn")
+    _choice(size, SIZES, "--size")
+    _log_to_stderr()
+    from fabwatch.models.bench.members import members_bench
+
+    result = members_bench(size, entities, steps, epochs, far, speed, quality)
+    lines = [result["machine"]["command"]]
+    if "speed" in result:
+        lines.append(f"{'full size, CPU ONNX':<20}{'parameters':>12}{'batch-1 p50 ms':>16}{'windows/s @256':>16}")
+        lines += [f"{n:<20}{r['parameters']:>12,}{r['batch1_p50_ms']:>16.2f}{r['windows_per_s']:>16,.0f}"
+                  for n, r in result["speed"].items()]
+    if "quality" in result:
+        q = result["quality"]
+        lines.append(f"{q['size'] + ' size, validation':<20}{'ROC-AUC':>10}{'PR-AUC':>10}"
+                     f"{'DR @ FAR ' + format(q['far'], '.0%'):>16}  ({q['data']['val_windows']:,} windows, "
+                     f"{q['data']['val_event_rate']:.1%} events)")
+        rows = [*q["members"].items(), ("gated ensemble", q["ensemble"])]
+        lines += [f"{n:<20}{r['roc_auc']:>10.3f}{r['pr_auc']:>10.3f}{r['detection_rate']:>16.3f}" for n, r in rows]
+    emit(result, as_json, "\n".join(lines))
+
+
 def bench_retrain(windows: Annotated[str, typer.Option(help="comma-separated training-window counts")] = "10000,100000",
                   epochs: Annotated[int, typer.Option(min=1, help="epochs per stage in the projection")] = 1,
                   sample: Annotated[int, typer.Option(min=256, help="windows timed per rate")] = 2048,
@@ -365,5 +398,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     registry_app.command("rollback")(registry_rollback)
     app.add_typer(registry_app, name="registry")
     bench_app.command("inference")(bench_inference)
+    bench_app.command("members")(bench_members)
     bench_app.command("retrain")(bench_retrain)
     bench_app.command("tep")(bench_tep)
