@@ -159,9 +159,8 @@ def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")
                    features: Annotated[int, typer.Option(help="features per reading")] = 12,
                    window: Annotated[int, typer.Option(help="steps per window")] = 100,
                    task: Annotated[str, typer.Option(help="classify | regress | forecast")] = "classify",
-                   members: Annotated[Optional[str], typer.Option(
-                       help="as train's --members (default: every architecture, the default five and patchtst)")]
-                   = None,
+                   members: Annotated[Optional[str], typer.Option(help="as train's --members (default: every "
+                                                                      "architecture)")] = None,
                    as_json: JsonFlag = False) -> None:
     """Parameter count of every member, the gate and the whole ensemble, against the design figures."""
     _choice(size, SIZES, "--size")
