@@ -332,6 +332,8 @@ class Trainer:
                              size=serving.extra.get("size", "full"))
             if opts.epochs:
                 overrides["epochs"] = opts.epochs
+            if serving.extra.get("config", {}).get("members"):  # the serving model's members (`train --members`)
+                overrides["members"] = serving.extra["config"]["members"]
             try:
                 candidate_version, train_seconds = self.train_candidate(overrides)
             except UsageError as exc:
