@@ -35,6 +35,12 @@ def test_patch_layer_is_channel_independent() -> None:
     np.testing.assert_array_equal(patches[4, 0], x[1, [0, *range(9)], 1])       # the oldest step repeated
 
 
+def test_full_size_is_within_the_design_and_tiny_is_small() -> None:
+    full = ensemble.build_member(patchtst.NAME, 100, 12, "classify", "full").count_params()
+    assert abs(full - patchtst.DESIGN_PARAMS) <= 0.15 * patchtst.DESIGN_PARAMS, full
+    assert ensemble.build_member(patchtst.NAME, 100, 12, "classify", "tiny").count_params() < 20_000
+
+
 def test_forecast_is_restored_to_the_window_scale() -> None:
     """RevIN: the member forecasts a scaled and shifted window as the same scaling and shift of its forecast."""
     member = ensemble.build_member(patchtst.NAME, 30, 4, "forecast", "tiny")
