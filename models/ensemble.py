@@ -80,11 +80,14 @@ def build_gate(window: int, n_features: int, n_members: int, size: Size = "full"
 
 
 def _stack(members: list[keras.Model], outs: list[tf.Tensor], task: Task, n_features: int) -> tf.Tensor:
-    """Member outputs side by side: [B,M] (probability or minutes) or [B,M,F] (forecasts)."""
-    if task != "forecast":
-        return keras.layers.Concatenate(name="member_concat")(outs)
-    return keras.layers.Concatenate(axis=1, name="forecasts")(
-        [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)])
+    """Member outputs side by side: [B,M] (probability or minutes) or [B,M,F] (forecasts). One member's output
+    is used as it is (a saved ``Concatenate`` of one input does not load)."""
+    if task == "forecast":
+        outs = [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)]
+    if len(outs) == 1:
+        return outs[0]
+    return keras.layers.Concatenate(axis=1 if task == "forecast" else -1,
+                                    name="forecasts" if task == "forecast" else "member_concat")(outs)
 
 
 def _combine(stacked: tf.Tensor, weights: tf.Tensor, inputs: tf.Tensor, task: Task) -> dict[str, tf.Tensor]:

@@ -49,6 +49,20 @@ def test_forecast_is_restored_to_the_window_scale() -> None:
     np.testing.assert_allclose(moved, 3 * y + 5, atol=1e-3)
 
 
+@pytest.mark.parametrize("task", ("classify", "forecast"))
+def test_keras_file_round_trips(task: str, tmp_path: Path) -> None:
+    """Warm start and `fabwatch export` reload the Keras file: PatchTST's custom layers, and an ensemble of one
+    member, must load from config."""
+    from fabwatch.models.tf import keras
+
+    model = ensemble.build(window=30, n_features=3, task=task, size="tiny", members=["patchtst"])
+    model.save(tmp_path / "m.keras", save_format="keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    x = np.random.default_rng(2).standard_normal((4, 30, 3)).astype(np.float32)
+    for a, b in zip(model(x), loaded(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_patchtst_exports_into_the_ensemble_graph(task: str, tmp_path: Path) -> None:
     model = ensemble.build(window=100, n_features=6, task=task, size="tiny", members=["rule_based", "patchtst"])
