@@ -1,4 +1,7 @@
-"""The dynamic weighted ensemble: five members and a gating network in ONE Keras model (design: ~1.67M).
+"""The dynamic weighted ensemble: members and a gating network in ONE Keras model (design, the default five: ~1.67M).
+
+The members are any subset of ``ARCHITECTURES`` (``TrainConfig.members``; the default is ``MEMBERS``, the five
+of the design, PatchTST being the sixth to add); the gate weighs however many there are.
 
 Outputs, by the registry contract (DESIGN.md): ``score`` [B], ``member_scores`` [B,M], ``weights`` [B,M] and,
 for ``forecast``, ``feature_error`` [B,F]. The input ``window`` [B, window, F] is already scaled.
@@ -10,7 +13,7 @@ What ``score`` means, by task (higher is worse):
 - regress: the gate-weighted predicted delay, in minutes;
 - forecast (unsupervised): the statistical monitor's ratio to its limit (``members.monitor``; 1 is the alarm
   limit). On short normal histories a neural forecaster cannot set limits that hold on the next normal day, so
-  the monitor decides; the five forecasters still run, and their gate-combined squared error per feature
+  the monitor decides; the member forecasters still run, and their gate-combined squared error per feature
   (``feature_error``) says which features deviate. ``member_scores`` holds each forecaster's error and, last,
   the monitor's ratio (its weight is 1).
 """
@@ -18,8 +21,9 @@ What ``score`` means, by task (higher is worse):
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Sequence
 
-from fabwatch.models.members import cnn_lstm, monitor, residual_gru, rules, spike, stacked_lstm
+from fabwatch.models.members import cnn_lstm, monitor, patchtst, residual_gru, rules, spike, stacked_lstm
 from fabwatch.models.common import (
     DropLastStep,
     ForecastCombine,
@@ -35,8 +39,10 @@ from fabwatch.models.common import (
 )
 from fabwatch.models.tf import keras, tf
 
-MEMBERS: dict[str, ModuleType] = {m.NAME: m for m in (stacked_lstm, residual_gru, cnn_lstm, spike, rules)}
-DESIGN_PARAMS = 1_670_000
+ARCHITECTURES: dict[str, ModuleType] = {m.NAME: m for m in (stacked_lstm, residual_gru, cnn_lstm, spike, rules,
+                                                              patchtst)}
+MEMBERS: dict[str, ModuleType] = {n: ARCHITECTURES[n] for n in list(ARCHITECTURES)[:5]}  # the default ensemble
+DESIGN_PARAMS = 1_670_000  # of the default ensemble
 OUTPUTS = ("score", "member_scores", "weights")
 FORECAST_OUTPUTS = (*OUTPUTS, "feature_error")
 
@@ -52,10 +58,17 @@ def member_steps(window: int, task: Task) -> int:
 
 def build_member(name: str, window: int, n_features: int, task: Task, size: Size = "full",
                  target_mean: float = 0.0, target_std: float = 1.0) -> keras.Model:
-    """One member as its own model, trainable on its own: trunk of its architecture, head of the task."""
+    """One member as its own model, trainable on its own: trunk of its architecture, head of the task.
+
+    An architecture with its own ``forecast(inputs, size)`` predicts the next step itself (PatchTST: a
+    channel-independent head whose output RevIN de-normalises)."""
+    module = ARCHITECTURES[name]
     inputs = keras.Input((member_steps(window, task), n_features), name="window")
-    x = MEMBERS[name].trunk(inputs, size)
-    return keras.Model(inputs, task_head(x, task, n_features, target_mean, target_std), name=name)
+    if task == "forecast" and hasattr(module, "forecast"):
+        out = keras.layers.Activation("linear", dtype="float32", name="out")(module.forecast(inputs, size))
+    else:
+        out = task_head(module.trunk(inputs, size), task, n_features, target_mean, target_std)
+    return keras.Model(inputs, out, name=name)
 
 
 def build_gate(window: int, n_features: int, n_members: int, size: Size = "full") -> keras.Model:
@@ -67,11 +80,14 @@ def build_gate(window: int, n_features: int, n_members: int, size: Size = "full"
 
 
 def _stack(members: list[keras.Model], outs: list[tf.Tensor], task: Task, n_features: int) -> tf.Tensor:
-    """Member outputs side by side: [B,M] (probability or minutes) or [B,M,F] (forecasts)."""
-    if task != "forecast":
-        return keras.layers.Concatenate(name="member_concat")(outs)
-    return keras.layers.Concatenate(axis=1, name="forecasts")(
-        [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)])
+    """Member outputs side by side: [B,M] (probability or minutes) or [B,M,F] (forecasts). One member's output
+    is used as it is (a saved ``Concatenate`` of one input does not load)."""
+    if task == "forecast":
+        outs = [keras.layers.Reshape((1, n_features), name=f"{m.name}_forecast")(o) for m, o in zip(members, outs)]
+    if len(outs) == 1:
+        return outs[0]
+    return keras.layers.Concatenate(axis=1 if task == "forecast" else -1,
+                                    name="forecasts" if task == "forecast" else "member_concat")(outs)
 
 
 def _combine(stacked: tf.Tensor, weights: tf.Tensor, inputs: tf.Tensor, task: Task) -> dict[str, tf.Tensor]:
@@ -83,9 +99,30 @@ def _combine(stacked: tf.Tensor, weights: tf.Tensor, inputs: tf.Tensor, task: Ta
     return {"weights": weights, "member_scores": stacked, "score": WeightedSum(name="weighted")([stacked, weights])}
 
 
-def member_names(task: Task) -> list[str]:
-    """The manifest's member list: the five, and for the forecast task the statistical monitor last."""
-    return [*MEMBERS, monitor.NAME] if task == "forecast" else list(MEMBERS)
+def resolve_members(spec: str | None) -> list[str]:
+    """``--members``: a comma list of architectures (``stacked_lstm,patchtst``), or ``+name,...`` to add to the
+    default five (``+patchtst``); None or empty: the five. ValueError names the bad part."""
+    parts = [p.strip() for p in (spec or "").split(",") if p.strip()]
+    adding = [p.startswith("+") for p in parts]
+    if any(adding) and not all(adding):
+        raise ValueError(f"either list the members or add to the default with +NAME, not both: {spec!r}")
+    names = [*MEMBERS, *(p[1:] for p in parts)] if all(adding) else parts
+    return check_members(names)
+
+
+def check_members(names: Sequence[str]) -> list[str]:
+    """``names`` as a list when they are known, distinct architectures; ValueError otherwise."""
+    unknown = [n for n in names if n not in ARCHITECTURES]
+    if unknown:
+        raise ValueError(f"unknown member {unknown[0]!r} (choose from {', '.join(ARCHITECTURES)})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a member is listed twice: {', '.join(names)}")
+    return list(names)
+
+
+def member_names(task: Task, members: Sequence[str] = tuple(MEMBERS)) -> list[str]:
+    """The manifest's member list: the members, and for the forecast task the statistical monitor last."""
+    return [*members, monitor.NAME] if task == "forecast" else list(members)
 
 
 def assemble(members: list[keras.Model], gate: keras.Model, window: int, n_features: int,
@@ -119,26 +156,34 @@ def gate_trainer(gate: keras.Model, window: int, n_features: int, n_members: int
 
 
 def build(window: int = 100, n_features: int = 12, task: Task = "classify", size: Size = "full",
-          target_mean: float = 0.0, target_std: float = 1.0) -> keras.Model:
-    """A fresh ensemble (untrained)."""
-    members = [build_member(n, window, n_features, task, size, target_mean, target_std) for n in MEMBERS]
+          target_mean: float = 0.0, target_std: float = 1.0, members: Sequence[str] = tuple(MEMBERS)) -> keras.Model:
+    """A fresh ensemble (untrained) of ``members`` (default: the five)."""
+    members = [build_member(n, window, n_features, task, size, target_mean, target_std) for n in check_members(members)]
     return assemble(members, build_gate(window, n_features, len(members), size), window, n_features, task)
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
     """Parameters per member and gate, plus the total, of an assembled ensemble."""
-    counts = {name: model.get_layer(name).count_params() for name in (*MEMBERS, "gate")}
+    counts = {name: model.get_layer(name).count_params() for name in (*_member_layers(model), "gate")}
     counts["total"] = model.count_params()
     return counts
 
 
-def design_parameters() -> dict[str, int]:
-    """The design documents' parameter figures (100 x 12 window): per member and in total."""
-    return {name: module.DESIGN_PARAMS for name, module in MEMBERS.items()} | {"total": DESIGN_PARAMS}
+def design_parameters(members: Sequence[str] = tuple(MEMBERS)) -> dict[str, int]:
+    """The design figures (100 x 12 window) per member, and the total of an ensemble of ``members``: the
+    design's total with the members' figures added or taken away."""
+    per_member = {name: ARCHITECTURES[name].DESIGN_PARAMS for name in members}
+    total = DESIGN_PARAMS + sum(per_member.values()) - sum(m.DESIGN_PARAMS for m in MEMBERS.values())
+    return per_member | {"total": total}
+
+
+def _member_layers(model: keras.Model) -> list[str]:
+    return [layer.name for layer in model.layers if layer.name in ARCHITECTURES]
 
 
 def members_of(model: keras.Model) -> tuple[list[keras.Model], keras.Model]:
-    """The member models and the gate inside an assembled ensemble (warm start, gate training)."""
-    return [model.get_layer(n) for n in MEMBERS], model.get_layer("gate")
+    """The member models (in the ensemble's order) and the gate inside an assembled ensemble (warm start, gate
+    training)."""
+    return [model.get_layer(n) for n in _member_layers(model)], model.get_layer("gate")
 
 

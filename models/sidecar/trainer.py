@@ -413,6 +413,8 @@ class Trainer:
                 by = serving.thresholds_by
                 overrides |= dict(threshold_by=by.by, threshold_min_windows=by.min_windows,
                                   entity_groups=None if by.by == "entity" else by.groups)
+            if serving.extra.get("config", {}).get("members"):  # the serving model's members (`train --members`)
+                overrides["members"] = serving.extra["config"]["members"]
             try:
                 candidate_version, train_seconds = self.train_candidate(overrides)
             except UsageError as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from fabwatch.export.errors import UsageError
 from fabwatch.export.onnx_export import keras_to_onnx, to_fp16
@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     entity_col: str | None = None
     entity: str | None = Field(None, description="the entity of a file without an entity column")
     size: Size = "full"
+    members: list[str] = Field(default_factory=lambda: list(ensemble.MEMBERS),
+                               description="the ensemble's architectures (default: the five)")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -73,6 +75,13 @@ class TrainConfig(BaseModel):
     warm_start: bool = Field(False, description="start from the current version's Keras weights")
     time_budget_s: float | None = Field(None, gt=0, description="stop training at the first batch past this "
                                         "many seconds (validation scoring, export and the gate come after)")
+
+    @field_validator("members")
+    @classmethod
+    def _known_members(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("the ensemble needs at least one member")
+        return ensemble.check_members(names)
 
     @classmethod
     def quick(cls, **overrides: Any) -> TrainConfig:
@@ -179,7 +188,7 @@ def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float
     strategy, mixed = _strategy()
     n_features = len(split.feature_names)
     build_args = dict(window=cfg.window, n_features=n_features, task=cfg.task, size=cfg.size,
-                      target_mean=target[0], target_std=target[1])
+                      target_mean=target[0], target_std=target[1], members=cfg.members)
     batch = cfg.batch_size * strategy.num_replicas_in_sync
     deadline = time.monotonic() + (cfg.time_budget_s or float("inf"))
     forecast = cfg.task == "forecast"
@@ -238,7 +247,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         model, extra["monitor"] = _add_monitor(model, table, split, cfg.window)
     manifest = Manifest(
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
-        scaler=split.scaler, members=ensemble.member_names(cfg.task), data_fingerprint=table.fingerprint,
+        scaler=split.scaler, members=ensemble.member_names(cfg.task, cfg.members), data_fingerprint=table.fingerprint,
         drift_reference=drift.reference(table.x, split.feature_names),  # every row of the file, as readings arrive
         metrics={"training": report},
         extra=extra | {"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
@@ -330,9 +339,10 @@ def thresholds_by(score: np.ndarray, split: data.Split, cfg: TrainConfig, groups
 def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str], cfg: TrainConfig) -> None:
     """Copy the current version's weights when it has the same features, task, size and window."""
     vdir, manifest = registry.resolve()
-    if (manifest.feature_names, manifest.task, manifest.extra.get("size"), manifest.window) != (
-            feature_names, cfg.task, cfg.size, cfg.window):
-        raise UsageError(f"cannot warm-start from {manifest.version}: its features, task, size or window differ")
+    if (manifest.feature_names, manifest.task, manifest.extra.get("size"), manifest.window, manifest.members) != (
+            feature_names, cfg.task, cfg.size, cfg.window, ensemble.member_names(cfg.task, cfg.members)):
+        raise UsageError(f"cannot warm-start from {manifest.version}: its features, task, size, window or members "
+                         "differ")
     model.set_weights(load_keras(vdir).get_weights())
     log.info("warm start from %s", manifest.version)
 

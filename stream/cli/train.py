@@ -24,6 +24,21 @@ def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+MembersOpt = Annotated[Optional[str], typer.Option(
+    help="the ensemble's members: a comma list (stacked_lstm,patchtst) or +NAME to add to the default five "
+         "(+patchtst); architectures: stacked_lstm, residual_gru, cnn_lstm, spike, rule_based, patchtst")]
+
+
+def _members(spec: str | None) -> list[str]:
+    """``--members`` as a list of architectures (imports TensorFlow: call it inside the command)."""
+    from fabwatch.models import ensemble
+
+    try:
+        return ensemble.resolve_members(spec)
+    except ValueError as exc:
+        raise UsageError(f"--members: {exc}") from None
+
+
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
     if value is not None and value not in allowed:
         raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
@@ -66,6 +81,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
           epochs: Annotated[Optional[int], typer.Option(help="maximum epochs per stage (early stopping)")] = None,
           quick: Annotated[bool, typer.Option("--quick", help="tiny ensemble, few epochs: CI and demos")] = False,
           size: Annotated[Optional[str], typer.Option(help="full | small | tiny")] = None,
+          members: MembersOpt = None,
           batch_size: Annotated[Optional[int], typer.Option(help="windows per batch")] = None,
           stride: Annotated[Optional[int], typer.Option(help="a training window every STRIDE steps")] = None,
           seed: Annotated[int, typer.Option(help="reproducible initialisation and shuffling")] = 0,
@@ -100,9 +116,10 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
 
+    member_list = _members(members)
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
-               "promote": not no_promote, "warm_start": warm_start, "force": force,
+               "promote": not no_promote, "warm_start": warm_start, "force": force, "members": member_list,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
                                         nan_tolerance=nan_tolerance, target_far=target_far, window=window,
@@ -155,14 +172,17 @@ def models_summary(size: Annotated[str, typer.Option(help="full | small | tiny")
                    features: Annotated[int, typer.Option(help="features per reading")] = 12,
                    window: Annotated[int, typer.Option(help="steps per window")] = 100,
                    task: Annotated[str, typer.Option(help="classify | regress | forecast")] = "classify",
+                   members: Annotated[Optional[str], typer.Option(help="as train's --members (default: every "
+                                                                      "architecture)")] = None,
                    as_json: JsonFlag = False) -> None:
     """Parameter count of every member, the gate and the whole ensemble, against the design figures."""
     _choice(size, SIZES, "--size")
     _choice(task, TASKS, "--task")
     from fabwatch.models import ensemble
 
-    counts = ensemble.parameter_counts(ensemble.build(window, features, task, size))
-    design = ensemble.design_parameters()
+    names = _members(members) if members else list(ensemble.ARCHITECTURES)
+    counts = ensemble.parameter_counts(ensemble.build(window, features, task, size, members=names))
+    design = ensemble.design_parameters(names)
     rows = {name: {"parameters": n, "design": design.get(name),
                    "deviation": (n - design[name]) / design[name] if size == "full" and name in design else None}
             for name, n in counts.items()}
@@ -275,6 +295,39 @@ def bench_inference(batches: Annotated[Optional[str], typer.Option(
     emit(result, as_json, "\n".join(lines))
 
 
+def bench_members(size: Annotated[str, typer.Option(help="size of the members trained for the quality figures: "
+                                                     "full | small | tiny (speed is at full size)")] = "small",
+                  entities: Annotated[int, typer.Option(min=1, help="synthetic entities")] = 6,
+                  steps: Annotated[int, typer.Option(min=300, help="synthetic readings per entity")] = 2500,
+                  epochs: Annotated[int, typer.Option(min=1, help="epochs per member")] = 3,
+                  far: Annotated[float, typer.Option(min=0.0001, max=0.5, help="false-alarm rate of the detection-rate "
+                                                                                "figure")] = 0.01,
+                  speed: Annotated[bool, typer.Option(help="parameters and CPU inference rate per member")] = True,
+                  quality: Annotated[bool, typer.Option(help="each member trained alone on synthetic data")] = True,
+                  as_json: JsonFlag = False) -> None:
+    """Every architecture side by side: parameters and CPU ONNX inference rate at full size, and each member
+    trained alone on labelled synthetic data (validation ROC-AUC, PR-AUC, detection rate at a fixed FAR)."""
+    require_extra("eval", "sklearn")
+    _choice(size, SIZES, "--size")
+    _log_to_stderr()
+    from fabwatch.models.bench.members import members_bench
+
+    result = members_bench(size, entities, steps, epochs, far, speed, quality)
+    lines = [result["machine"]["command"]]
+    if "speed" in result:
+        lines.append(f"{'full size, CPU ONNX':<20}{'parameters':>12}{'batch-1 p50 ms':>16}{'windows/s @256':>16}")
+        lines += [f"{n:<20}{r['parameters']:>12,}{r['batch1_p50_ms']:>16.2f}{r['windows_per_s']:>16,.0f}"
+                  for n, r in result["speed"].items()]
+    if "quality" in result:
+        q = result["quality"]
+        lines.append(f"{q['size'] + ' size, validation':<20}{'ROC-AUC':>10}{'PR-AUC':>10}"
+                     f"{'DR @ FAR ' + format(q['far'], '.0%'):>16}  ({q['data']['val_windows']:,} windows, "
+                     f"{q['data']['val_event_rate']:.1%} events)")
+        rows = [*q["members"].items(), ("gated ensemble", q["ensemble"])]
+        lines += [f"{n:<20}{r['roc_auc']:>10.3f}{r['pr_auc']:>10.3f}{r['detection_rate']:>16.3f}" for n, r in rows]
+    emit(result, as_json, "\n".join(lines))
+
+
 def bench_retrain(windows: Annotated[str, typer.Option(help="comma-separated training-window counts")] = "10000,100000",
                   epochs: Annotated[int, typer.Option(min=1, help="epochs per stage in the projection")] = 1,
                   sample: Annotated[int, typer.Option(min=256, help="windows timed per rate")] = 2048,
@@ -357,5 +410,6 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     registry_app.command("rollback")(registry_rollback)
     app.add_typer(registry_app, name="registry")
     bench_app.command("inference")(bench_inference)
+    bench_app.command("members")(bench_members)
     bench_app.command("retrain")(bench_retrain)
     bench_app.command("tep")(bench_tep)
