@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 # every interface: Kubernetes probes and Prometheus reach a pod's port from outside it (deploy/); pass
 # --metrics-host 127.0.0.1 to keep the metrics to the host
 DEFAULT_METRICS_HOST = "0.0.0.0"
+
+log = logging.getLogger("fabwatch.metrics")
 
 
 class ServingMetrics:
@@ -175,6 +178,7 @@ class MetricsServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-http", daemon=True)
         self.thread.start()
+        log.info("metrics on port %d of %s (/metrics, /ready, /healthz)", self.port, host)
 
     def close(self) -> None:
         self.server.shutdown()

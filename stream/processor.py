@@ -175,8 +175,6 @@ class Processor(StopOnSignal):
         if cfg.metrics_port is not None:
             self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
                                       self.liveness.failure)
-            host, port = self.http.server.server_address[:2]
-            log.info("metrics on port %d of %s (/metrics, /ready, /healthz)", port, host)
         if cfg.exactly_once:
             self.producer.init_transactions(30)
         ModelWatcher(self.registry, self.engine.version, self._load, self.metrics, self.liveness, self._stop,

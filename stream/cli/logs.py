@@ -16,8 +16,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import (BootstrapOpt, JsonFlag, MetricsHostOpt, RegistryOpt, dataset_dir, emit,
-                                         settings_for)
+from fabwatch.stream.cli.options import (BootstrapOpt, JsonFlag, LivenessTimeoutOpt, MetricsHostOpt, MetricsPortOpt,
+                                         RegistryOpt, dataset_dir, emit, settings_for)
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 
 
@@ -236,12 +236,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
               max_wait_ms: Annotated[int, typer.Option(min=0, help="longest wait to fill a poll")] = 50,
               max_sessions: Annotated[int, typer.Option(min=1, help="open sessions kept; beyond it the least "
                                                         "recently active close early")] = 1_000_000,
-              metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics, /ready and /healthz "
-                                                                  "on this port")] = None,
+              metrics_port: MetricsPortOpt = None,
               metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
-              liveness_timeout_s: Annotated[Optional[float], typer.Option(
-                  min=1, help="/healthz fails after this long without a turn of the consume loop or the model "
-                  "watcher (default: twice max.poll.interval.ms, at least 60)")] = None,
+              liveness_timeout_s: LivenessTimeoutOpt = None,
               rebuild_chunk: Annotated[int, typer.Option(min=1, help="log keys re-read per step when rebuilding "
                                                          "open sessions after an assignment")] = 20_000,
               rebuild_max_messages: Annotated[int, typer.Option(min=1, help="most log keys re-read per partition "

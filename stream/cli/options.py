@@ -19,6 +19,12 @@ BootstrapOpt = Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka 
                                                      "(default: $KAFKA_BOOTSTRAP_SERVERS, else the local broker)")]
 MetricsHostOpt = Annotated[str, typer.Option("--metrics-host", help="address the metrics server binds "
                                              "(127.0.0.1: this host only)")]
+# the serving loops' (`serve`, `logs serve`) probes
+MetricsPortOpt = Annotated[Optional[int], typer.Option("--metrics-port", help="Prometheus /metrics, /ready and "
+                                                       "/healthz on this port")]
+LivenessTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--liveness-timeout-s", min=1, help="/healthz fails after this long without a turn of the consume loop or the "
+    "model watcher (default: twice max.poll.interval.ms, at least 60)")]
 # how `train`, `evaluate` and `replay` map a file's columns (fabwatch.stream.offline.files.ColumnMap)
 TsColOpt = Annotated[Optional[str], typer.Option("--ts-col", help="timestamp column: ISO-8601, epoch s or ms "
                                                  "(inferred: ts, timestamp, time, datetime, date)")]

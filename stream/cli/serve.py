@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from fabwatch.export.errors import UsageError
-from fabwatch.stream.cli.options import BootstrapOpt, GraceOpt, JsonFlag, MetricsHostOpt, settings_for
+from fabwatch.stream.cli.options import (BootstrapOpt, GraceOpt, JsonFlag, LivenessTimeoutOpt, MetricsHostOpt,
+                                         MetricsPortOpt, settings_for)
 from fabwatch.stream.metrics import DEFAULT_METRICS_HOST
 from fabwatch.stream.windows import DEFAULT_GRACE_MS
 
@@ -24,12 +25,9 @@ def serve(
     emit_scores: Annotated[bool, typer.Option("--emit-scores", help="also produce every window score")] = False,
     stride: Annotated[int, typer.Option(min=1, help="score ~1 reading in K per key")] = 1,
     grace_ms: GraceOpt = DEFAULT_GRACE_MS,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus /metrics, /ready and /healthz on this "
-                                                        "port")] = None,
+    metrics_port: MetricsPortOpt = None,
     metrics_host: MetricsHostOpt = DEFAULT_METRICS_HOST,
-    liveness_timeout_s: Annotated[Optional[float], typer.Option(
-        min=1, help="/healthz fails after this long without a turn of the consume loop or the model watcher "
-        "(default: twice max.poll.interval.ms, at least 60)")] = None,
+    liveness_timeout_s: LivenessTimeoutOpt = None,
     group: Annotated[str, typer.Option(help="consumer group")] = "fabwatch-processor",
     instance_id: Annotated[Optional[str], typer.Option(help="unique per instance (transactional id); given, it "
                                                        "makes the instance a static group member that gets its "

@@ -339,8 +339,6 @@ class LogServer(StopOnSignal):
         if cfg.metrics_port is not None:
             self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
                                       self.liveness.failure)
-            host, port = self.http.server.server_address[:2]
-            log.info("metrics on port %d of %s (/metrics, /ready, /healthz)", port, host)
         scorer = self.sessions.scorer
         ModelWatcher(self.registry, scorer.version, self._load, self.metrics, self.liveness, self._stop,
                      open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
