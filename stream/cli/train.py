@@ -78,6 +78,14 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
           warm_start: Annotated[bool, typer.Option("--warm-start", help="start from the current version")] = False,
           force: Annotated[bool, typer.Option("--force", help="promote even a model no better than chance or "
                                                              "a simple baseline on its validation data")] = False,
+          cv: Annotated[Optional[int], typer.Option("--cv", help="K blocked time-series folds: out-of-fold figures "
+                                                          "and threshold; the final model fits all the data")] = None,
+          weight_search: Annotated[Optional[int], typer.Option("--weight-search", help="N Optuna trials of static "
+                                                                     "member weights and threshold on the "
+                                                                     "out-of-fold scores, against the gate "
+                                                                     "(with --cv)")] = None,
+          parallel_members: Annotated[bool, typer.Option("--parallel-members", help="train the members in "
+                                                                                    "processes of their own")] = False,
           as_json: JsonFlag = False) -> None:
     """Train the ensemble, export it to ONNX, commit it to the registry and promote it (unless its validation
     shows it no better than chance or a simple baseline: then it is committed, not promoted, and says why)."""
@@ -94,9 +102,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
                "promote": not no_promote, "warm_start": warm_start, "force": force,
+               "parallel_members": parallel_members,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
-                                        nan_tolerance=nan_tolerance, target_far=target_far, window=window,
+                                        nan_tolerance=nan_tolerance, target_far=target_far, window=window, cv=cv,
+                                        weight_search=weight_search,
                                         ts_col=ts_col, entity_col=entity_col, entity=entity).items() if v is not None}}
     try:
         config = TrainConfig.quick(**options) if quick else TrainConfig(**options)
@@ -108,7 +118,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     summary = {"version": result.version, "promoted": result.promoted, "task": m.task, "seconds": result.seconds,
                "thresholds": m.thresholds.model_dump() if m.thresholds else None, "parity": m.parity,
                "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
-               "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
+               "train_windows_per_s": m.metrics["training"]["windows_per_s"],
+               "cross_validation": {k: v for k, v in m.cross_validation.items() if k != "folds"}}
     auc = m.metrics.get("roc_auc")
     emit(summary, as_json, f"{result.version} ({'promoted' if result.promoted else 'not promoted'}) in "
                             f"{result.seconds:.0f}s: " + (f"ROC-AUC {auc:.3f}, " if auc is not None else "")
