@@ -276,6 +276,7 @@ class OutOfFold:
     """Every fold's validation windows scored by that fold's ensemble, concatenated in fold order."""
 
     y: np.ndarray               # [N] targets
+    members: list[str]          # the member names, in the order of ``member_scores``' columns
     member_scores: np.ndarray   # [N, M]
     gate_score: np.ndarray      # [N] the learned gate's combination
     last: data.Split            # the last fold (the quality verdict's baseline trains and scores on it)
@@ -320,7 +321,7 @@ def cross_validate(table: data.Table, cfg: TrainConfig, pool: Executor | None = 
     figures = {"k": cfg.cv, "gap_rows": cfg.window, "method": "sklearn TimeSeriesSplit per entity",
                "parallel_members": pool is not None, "folds": per_fold, "summary": summary,
                "seconds": round(time.perf_counter() - started, 2)}
-    return OutOfFold(y=y, member_scores=member_scores, gate_score=gate_score, last=folds[-1].split,
+    return OutOfFold(y=y, members=names, member_scores=member_scores, gate_score=gate_score, last=folds[-1].split,
                      last_rows=slice(len(y) - len(ys[-1]), len(y)), figures=figures)
 
 

@@ -95,6 +95,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     _choice(size, SIZES, "--size")
     if unsupervised and task not in (None, "forecast"):
         raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
+    if weight_search:
+        require_extra("train", "optuna")
     _log_to_stderr()
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
@@ -341,6 +343,46 @@ def bench_tep(data_dir: Annotated[Optional[Path], typer.Option(
     emit(result, as_json, "\n".join(lines))
 
 
+def bench_cv(data_dir: Annotated[Optional[Path], typer.Option(
+                 "--data-dir", help="the Tennessee Eastman files (default: $FABWATCH_DATASETS/tep, else "
+                 "../shared/datasets/tep)")] = None,
+             tep: Annotated[bool, typer.Option(help="also the supervised Tennessee Eastman task")] = True,
+             folds: Annotated[int, typer.Option(help="K of the blocked time-series folds")] = 5,
+             trials: Annotated[int, typer.Option(help="Optuna trials of the static weight search")] = 100,
+             window: Annotated[int, typer.Option(help="steps per window")] = 30,
+             steps: Annotated[int, typer.Option(help="synthetic readings per entity (3 entities)")] = 1200,
+             tep_folds: Annotated[int, typer.Option(help="K on the Tennessee Eastman task")] = 3,
+             timing: Annotated[bool, typer.Option(help="also time the synthetic folds with the members in "
+                                                       "processes of their own")] = True,
+             as_json: JsonFlag = False) -> None:
+    """Cross-validation: out-of-fold PR-AUC and detection rate at 1 % false alarms of each member, the gate and
+    searched static weights; the CV wall time with members one by one against in parallel processes."""
+    require_extra("train", "optuna")
+    if min(folds, tep_folds) < 2 or trials < 1:
+        raise UsageError("--folds and --tep-folds must be at least 2, --trials at least 1")
+    _log_to_stderr()
+    from fabwatch.models.bench.cv import run as run_cv
+    from fabwatch.stream.bench.kafka import machine_info
+
+    result = {"machine": machine_info(), **run_cv(dataset_dir("tep", data_dir) if tep else None, folds, trials, window,
+                                                  steps=steps, tep_folds=tep_folds, timing=timing,
+                                                  progress=lambda step: logging.getLogger(__name__).info("%s", step))}
+    lines = [result["machine"]["command"]]
+    for figures in result["data"].values():
+        ws = figures["weight_search"]
+        lines += [f"{figures['data']}: {figures['windows']} out-of-fold windows, {figures['cv_seconds']:.0f} s; "
+                  f"served: {ws['winner']}",
+                  f"  {'':<16} {'PR-AUC':>7} {'folds mean+-std':>16} {'DR@1%FAR':>9}"]
+        for name, row in figures["table"].items():
+            spread = (f"{row['pr_auc_mean']:.3f}+-{row['pr_auc_std']:.3f}" if "pr_auc_mean" in row else "")
+            lines.append(f"  {name:<16} {row['pr_auc']:>7.3f} {spread:>16} {row['detection_rate']:>9.3f}")
+    if "timing" in result:
+        t = result["timing"]
+        lines.append(f"{t['what']}: sequential {t['sequential_s']:.0f} s, parallel {t['parallel_s']:.0f} s "
+                     f"(x{t['speedup']})")
+    emit(result, as_json, "\n".join(lines))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
     app.command("synth")(synth)
@@ -357,3 +399,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("inference")(bench_inference)
     bench_app.command("retrain")(bench_retrain)
     bench_app.command("tep")(bench_tep)
+    bench_app.command("cv")(bench_cv)
