@@ -93,6 +93,15 @@ def test_weight_search_at_a_false_alarm_rate_scores_the_detection_rate() -> None
     assert result.value == pytest.approx(np.mean(score[~normal] >= result.threshold))
 
 
+def test_cli_refuses_a_search_without_folds_and_folds_for_the_forecast_task(tmp_path: Path) -> None:
+    path = tmp_path / "fab.parquet"
+    synth.write(synth.generate(entities=1, steps=400, seed=0), path)
+    for args, reason in ((["--weight-search", "5"], "needs --cv"), (["--unsupervised", "--cv", "3"], "supervised")):
+        proc = _fabwatch("train", "--data", str(path), "--registry", str(tmp_path / "reg"), *args)
+        assert proc.returncode == 2 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+            proc.stderr
+
+
 # ---- end to end: one quick cross-validated training -------------------------------------------------------------
 
 def _fabwatch(*args: str) -> subprocess.CompletedProcess:

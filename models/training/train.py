@@ -351,8 +351,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     calibrate_with = partial(calibrate_on, split=split, cfg=cfg)
     if oof is not None:
         if cfg.weight_search:
-            searched = search.search_weights(oof.member_scores, oof.gate_score, oof.y, cfg.task, cfg.weight_search,
-                                             cfg.seed, cfg.target_far, cfg.delay_alert_min)
+            try:
+                searched = search.search_weights(oof.member_scores, oof.gate_score, oof.y, cfg.task,
+                                                 cfg.weight_search, cfg.seed, cfg.target_far, cfg.delay_alert_min)
+            except ValueError as exc:
+                raise UsageError(f"--weight-search: {exc} (lower --cv or add labelled rows)") from None
             oof.figures["weight_search"] = searched.model_dump()
             log.info("weight search: %s %.4f for static weights %s, %.4f for the gate: serving the %s",
                      searched.objective, searched.value, np.round(searched.weights, 3).tolist(), searched.gate_value,
