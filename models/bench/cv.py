@@ -63,25 +63,26 @@ def _evaluate(name: str, oof: Any, trials: int, seed: int, seconds: float) -> di
 
 
 def run(tep_dir: Path | None, folds: int = 5, trials: int = 100, window: int = 30, entities: int = 3,
-        steps: int = 1200, tep_folds: int = 3, seed: int = 0, timing: bool = True,
+        steps: int = 1200, tep_folds: int = 3, seed: int = 0, timing: bool = True, synthetic: bool = True,
         progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """The benchmark: synthetic (figures, then sequential vs parallel timing), then supervised TEP."""
     result: dict[str, Any] = {"folds": folds, "tep_folds": tep_folds, "trials": trials, "window": window, "far": FAR, "size": "tiny (quick)",
                               "data": {}}
     with tempfile.TemporaryDirectory(prefix="fabwatch-bench-cv-") as tmp:
         work = Path(tmp)
-        path = work / "synth.parquet"
-        synth.write(synth.generate(entities=entities, steps=steps, seed=seed, anomaly_rate=0.3), path)
-        progress(f"synthetic: {folds} folds, members one by one")
-        oof, sequential = _cross_validate(path, work, folds, window, False, seed=seed)
-        result["data"]["synthetic"] = _evaluate(f"synthetic, {entities} entities x {steps} steps", oof, trials, seed,
-                                                sequential)
-        if timing:
-            progress(f"synthetic: {folds} folds, members in processes")
-            _, parallel = _cross_validate(path, work, folds, window, True, seed=seed)
-            result["timing"] = {"what": f"{folds} folds x {oof.member_scores.shape[1]} members, synthetic",
-                                "sequential_s": round(sequential, 1), "parallel_s": round(parallel, 1),
-                                "speedup": round(sequential / parallel, 2)}
+        if synthetic:
+            path = work / "synth.parquet"
+            synth.write(synth.generate(entities=entities, steps=steps, seed=seed, anomaly_rate=0.3), path)
+            progress(f"synthetic: {folds} folds, members one by one")
+            oof, sequential = _cross_validate(path, work, folds, window, False, seed=seed)
+            result["data"]["synthetic"] = _evaluate(f"synthetic, {entities} entities x {steps} steps", oof, trials,
+                                                    seed, sequential)
+            if timing:
+                progress(f"synthetic: {folds} folds, members in processes")
+                _, parallel = _cross_validate(path, work, folds, window, True, seed=seed)
+                result["timing"] = {"what": f"{folds} folds x {oof.member_scores.shape[1]} members, synthetic",
+                                    "sequential_s": round(sequential, 1), "parallel_s": round(parallel, 1),
+                                    "speedup": round(sequential / parallel, 2)}
         if tep_dir is not None:
             from fabwatch.models.bench import tep
 

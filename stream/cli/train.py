@@ -346,7 +346,8 @@ def bench_tep(data_dir: Annotated[Optional[Path], typer.Option(
 def bench_cv(data_dir: Annotated[Optional[Path], typer.Option(
                  "--data-dir", help="the Tennessee Eastman files (default: $FABWATCH_DATASETS/tep, else "
                  "../shared/datasets/tep)")] = None,
-             tep: Annotated[bool, typer.Option(help="also the supervised Tennessee Eastman task")] = True,
+             synthetic: Annotated[bool, typer.Option(help="the labelled synthetic data (and the timing)")] = True,
+             tep: Annotated[bool, typer.Option(help="the supervised Tennessee Eastman task")] = True,
              folds: Annotated[int, typer.Option(help="K of the blocked time-series folds")] = 5,
              trials: Annotated[int, typer.Option(help="Optuna trials of the static weight search")] = 100,
              window: Annotated[int, typer.Option(help="steps per window")] = 30,
@@ -366,6 +367,7 @@ def bench_cv(data_dir: Annotated[Optional[Path], typer.Option(
 
     result = {"machine": machine_info(), **run_cv(dataset_dir("tep", data_dir) if tep else None, folds, trials, window,
                                                   steps=steps, tep_folds=tep_folds, timing=timing,
+                                                  synthetic=synthetic,
                                                   progress=lambda step: logging.getLogger(__name__).info("%s", step))}
     lines = [result["machine"]["command"]]
     for figures in result["data"].values():
