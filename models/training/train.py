@@ -4,7 +4,9 @@ The design documents' approach: each member learns the task on its own (early st
 then the gating network learns per-input weights over the frozen members. Mixed precision on a GPU,
 ``MirroredStrategy`` over several GPUs, reproducible with a seed. One run gives one registry version:
 ``model.onnx`` (+ ``model.fp16.onnx``), the Keras model under ``keras/`` (warm start) and the manifest, whose
-thresholds and metrics come from the exported ONNX graph itself on the validation split.
+thresholds and metrics come from the exported ONNX graph itself on the validation split; with ``cv``, from the
+out-of-fold scores of K blocked time-series folds instead, the final model fitted on all the data, and with
+``weight_search`` the gate replaced by searched static weights when they score better out of fold.
 
 This module imports TensorFlow: the CLI and the trainer import it inside the commands that train.
 """
@@ -205,9 +207,8 @@ def _fit_member(name: str, build_args: dict[str, Any], train_xy: tuple[np.ndarra
     if initial is not None:
         member.set_weights(initial)
     forecast = cfg.task == "forecast"
-    batch = cfg.batch_size
-    report = _fit(member, dataset(*train_xy, batch, cfg.seed, True, forecast_member=forecast),
-                  dataset(*val_xy, batch, cfg.seed, False, forecast_member=forecast), cfg,
+    report = _fit(member, dataset(*train_xy, cfg.batch_size, cfg.seed, True, forecast_member=forecast),
+                  dataset(*val_xy, cfg.batch_size, cfg.seed, False, forecast_member=forecast), cfg,
                   _loss(cfg.task, target_std, False), deadline)
     return member.get_weights(), report
 
