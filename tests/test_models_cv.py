@@ -169,3 +169,27 @@ def test_searched_static_weights_serve_the_scores_of_evaluate(cv_model, settings
         assert alert.model_version == version
         assert alert.score == pytest.approx(offline[alert_id].score, abs=1e-5)
         assert np.allclose(served(alert), weights, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_parallel_members_train_in_their_own_processes(tmp_path: Path) -> None:
+    """`--parallel-members`: every member comes back from its process trained (moved from its seeded start)."""
+    from fabwatch.models import ensemble
+    from fabwatch.models.training.train import TrainConfig, fit_ensemble, member_pool
+
+    path = tmp_path / "fab.parquet"
+    synth.write(synth.generate(entities=2, steps=400, seed=2, anomaly_rate=0.3), path)
+    cfg = TrainConfig.quick(data=path, registry=tmp_path / "reg", window=WINDOW, epochs=1, parallel_members=True)
+    table = data.load(path, window=WINDOW)
+    split = data.split(table, WINDOW, 0.3, cfg.stride, event_stride=2)
+    with member_pool(cfg) as pool:
+        model, report = fit_ensemble(split, cfg, (0.0, 1.0), pool)
+    assert report["parallel_members"]
+    from fabwatch.models.tf import keras
+
+    for name in ensemble.member_names("classify"):
+        assert report[name]["epochs"] == 1
+        keras.utils.set_random_seed(cfg.seed)  # the member process's starting point
+        start = ensemble.build_member(name, WINDOW, len(split.feature_names), "classify", "tiny")
+        moved = [not np.allclose(a, b) for a, b in zip(model.get_layer(name).get_weights(), start.get_weights())]
+        assert any(moved), name
