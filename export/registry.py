@@ -120,6 +120,9 @@ class Manifest(BaseModel):
     drift_reference: dict[str, FeatureBins] = Field(default_factory=dict, description="feature -> its training "
                                                     "distribution; empty in versions made before drift checks")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    cross_validation: dict[str, Any] = Field(default_factory=dict, description="train --cv: per-fold and summary "
+                                             "out-of-fold figures of each member and the gate, and --weight-search's "
+                                             "static weights against the gate")
     extra: dict[str, Any] = Field(default_factory=dict, description="task-specific settings (logkeys: vocabulary, h, top_g)")
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256, every file but the manifest")
 

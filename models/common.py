@@ -65,6 +65,22 @@ class WeightedSum(keras.layers.Layer):
 
 
 @serializable
+class StaticWeights(keras.layers.Layer):
+    """The same member weights for every window, window [B,W,F] -> [B,M]: the gate's stand-in when weights
+    searched on out-of-fold scores beat it (``train --weight-search``)."""
+
+    def __init__(self, member_weights: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.member_weights = [float(w) for w in member_weights]
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.ones_like(x[:, 0, :1]) * tf.constant(self.member_weights, dtype=x.dtype)
+
+    def get_config(self) -> dict:
+        return super().get_config() | {"member_weights": self.member_weights}
+
+
+@serializable
 class ForecastCombine(keras.layers.Layer):
     """Member forecasts [B,M,F], weights [B,M], target [B,F] -> member errors [B,M], feature errors [B,F].
 

@@ -33,6 +33,7 @@ from fabwatch.models.common import (
     Task,
     WeightedSum,
     MonitorWeight,
+    StaticWeights,
     WindowStats,
     task_head,
     units,
@@ -77,6 +78,13 @@ def build_gate(window: int, n_features: int, n_members: int, size: Size = "full"
     x = keras.layers.Dense(units(64, size), activation="relu", name="hidden")(WindowStats(name="stats")(inputs))
     x = keras.layers.Dense(n_members, name="logits")(x)
     return keras.Model(inputs, keras.layers.Softmax(dtype="float32", name="softmax")(x), name="gate")
+
+
+def static_gate(weights: list[float], window: int, n_features: int) -> keras.Model:
+    """A gate that gives every window the same ``weights`` (searched on out-of-fold scores), named like the
+    learned gate so the assembled ensemble keeps the contract's outputs: ``weights`` is that constant vector."""
+    inputs = keras.Input((window, n_features), name="window")
+    return keras.Model(inputs, StaticWeights(weights, dtype="float32", name="static")(inputs), name="gate")
 
 
 def _stack(members: list[keras.Model], outs: list[tf.Tensor], task: Task, n_features: int) -> tf.Tensor:

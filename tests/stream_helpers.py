@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from fabwatch.stream.kafka.config import Settings
 from fabwatch.stream.kafka.retry import retry_transient
+from fabwatch.stream.schemas import Alert
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_FETCH_S = 10.0
@@ -156,8 +157,13 @@ def replay_and_serve(settings: Settings, data: Path, registry: Path, group: str,
                      log_path: Path, timeout_s: float = 120.0) -> set[str]:
     """``fabwatch replay`` a file into the sensor topic, run ``fabwatch serve`` until ``expected`` alerts are out
     (or the timeout), stop it cleanly, and return the alert ids it published."""
+    return set(replay_and_serve_alerts(settings, data, registry, group, expected, log_path, timeout_s))
+
+
+def replay_and_serve_alerts(settings: Settings, data: Path, registry: Path, group: str, expected: int,
+                            log_path: Path, timeout_s: float = 120.0) -> dict[str, Alert]:
+    """As ``replay_and_serve``, returning the published alerts by id."""
     from fabwatch.stream.kafka.topics import ensure_topics
-    from fabwatch.stream.schemas import Alert
 
     ensure_topics(settings, [settings.topics.sensors, settings.topics.alerts, settings.topics.dlq], partitions=3)
     replay = subprocess.run([sys.executable, "-m", "fabwatch.stream.cli.main", "replay", str(data), "--topic",
@@ -170,4 +176,5 @@ def replay_and_serve(settings: Settings, data: Path, registry: Path, group: str,
                  timeout_s=timeout_s, what="the processor's alerts")
     finally:
         assert stop(proc) == 0, log_path.read_text()[-2000:]
-    return {Alert.model_validate(orjson.loads(v)).alert_id for v in read_all(settings, settings.topics.alerts)}
+    alerts = [Alert.model_validate(orjson.loads(v)) for v in read_all(settings, settings.topics.alerts)]
+    return {a.alert_id: a for a in alerts}

@@ -31,6 +31,14 @@ def calibration(scores: np.ndarray, normal: np.ndarray) -> dict[str, float]:
     return {"mean": float(ref.mean()), "std": float(max(ref.std(), 1e-12))}
 
 
+def best_f1_threshold(positive: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) of the best F1 over every cut of ``scores``."""
+    precision, recall, cuts = skm.precision_recall_curve(positive, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1[:-1]))
+    return float(cuts[best]), float(f1[best])
+
+
 def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, target_far: float | None = None,
                       quantile: float = 0.99, delay_alert_min: float = 5.0) -> Thresholds:
     """Alert threshold by task, then close (hysteresis) and critical from the calibration.
@@ -49,10 +57,8 @@ def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, t
         alert = float(np.quantile(scores[normal], 1 - target_far))
         method = f"false-alarm rate {target_far:g} on validation"
     else:
-        precision, recall, cuts = skm.precision_recall_curve(positive, scores)
-        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-        best = int(np.argmax(f1[:-1]))
-        alert, method = float(cuts[best]), f"best F1 {f1[best]:.3f} on validation"
+        alert, f1 = best_f1_threshold(positive, scores)
+        method = f"best F1 {f1:.3f} on validation"
     cal = calibration(scores, normal)
     return Thresholds(alert=alert, close=CLOSE_RATIO * alert, critical=alert + CRITICAL_Z * cal["std"], method=method)
 
@@ -122,11 +128,19 @@ def score_metrics(task: Task, scores: np.ndarray, y: np.ndarray | None, threshol
         out.update(mae_min=float(np.mean(np.abs(scores - y))), rmse_min=float(np.sqrt(np.mean((scores - y) ** 2))))
     positive = positives(task, y, delay_alert_min)
     out["positive_rate"] = float(positive.mean())
-    if 0 < positive.sum() < len(positive):
-        out.update(roc_auc=float(skm.roc_auc_score(positive, scores)),
-                   pr_auc=float(skm.average_precision_score(positive, scores)),
-                   f1=float(skm.f1_score(positive, scores >= thresholds.alert)))
+    ranking = ranking_metrics(task, scores, y, delay_alert_min)
+    if ranking:
+        out.update(ranking, f1=float(skm.f1_score(positive, scores >= thresholds.alert)))
     return out
+
+
+def ranking_metrics(task: Task, scores: np.ndarray, y: np.ndarray, delay_alert_min: float = 5.0) -> dict[str, float]:
+    """ROC-AUC and PR-AUC (average precision) of ``scores`` for the events in ``y``; empty with one class only."""
+    positive = positives(task, y, delay_alert_min)
+    if not 0 < positive.sum() < len(positive):
+        return {}
+    return {"roc_auc": float(skm.roc_auc_score(positive, scores)),
+            "pr_auc": float(skm.average_precision_score(positive, scores))}
 
 
 def member_aucs(member_scores: np.ndarray, y: np.ndarray | None, names: list[str], task: Task,

@@ -220,27 +220,35 @@ def min_rows(window: int) -> int:
     return MIN_WINDOWS_OF_ROWS * window
 
 
+def _check_rows(bounds: list[tuple[int, int]], window: int) -> None:
+    longest = max(e - s for s, e in bounds)
+    if longest < min_rows(window):
+        raise UsageError(f"too few rows: training with {window}-step windows needs at least {min_rows(window)} rows "
+                         f"of one entity ({MIN_WINDOWS_OF_ROWS} windows); the longest entity has {longest} "
+                         f"(try a shorter --window)")
+
+
 def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: int = 1,
-          val_stride: int | None = None, event_stride: int | None = None) -> Split:
+          val_stride: int | None = None, event_stride: int | None = None, train_on_all: bool = False) -> Split:
     """Per-entity time split: the first ``1 - val_fraction`` of each entity's rows train, the rest validate.
 
     A validation window is one whose last step (its target and label) lies in the validation rows; its
     context may reach back into training rows, so a short history still yields one validation window per
     validation row. The scaler sees training rows only. ``event_stride`` keeps event windows in the training
     split more densely than ``stride`` (validation stays unbiased).
+
+    ``train_on_all``: the final model after cross-validation trains on every row (scaler too); its validation
+    windows, then also training windows, only stop the stages early (figures and thresholds are out-of-fold).
     """
     bounds = table.entity_bounds()
-    longest = max(e - s for s, e in bounds)
-    if longest < min_rows(window):
-        raise UsageError(f"too few rows: training with {window}-step windows needs at least {min_rows(window)} rows "
-                         f"of one entity ({MIN_WINDOWS_OF_ROWS} windows); the longest entity has {longest} "
-                         f"(try a shorter --window)")
+    _check_rows(bounds, window)
     cuts = [(s, c, e) for s, c, e in time_cuts(bounds, val_fraction) if c - s >= window]  # too short to train on: left out
-    train_rows = np.concatenate([np.arange(s, c) for s, c, _ in cuts])
+    train_rows = np.concatenate([np.arange(s, e if train_on_all else c) for s, c, e in cuts])
     scaler = fit_scaler(table.x[train_rows])
     xs = apply_scaler(table.x, scaler)
     y = table.y
-    train = [windows(xs[s:c], None if y is None else y[s:c], window, stride, event_stride) for s, c, _ in cuts]
+    train = [windows(xs[s:e if train_on_all else c], None if y is None else y[s:e if train_on_all else c], window,
+                     stride, event_stride) for s, c, e in cuts]
     val = [windows(xs[c - window + 1:e], None if y is None else y[c - window + 1:e], window, val_stride or stride)
            for _, c, e in cuts]
     tr, va = _concat(train), _concat(val)
@@ -249,3 +257,52 @@ def split(table: Table, window: int = 100, val_fraction: float = 0.2, stride: in
     val_entity = np.repeat(np.asarray(table.entity_names, dtype=object)[[table.entity[s] for s, _, _ in cuts]],
                            [len(v.x) for v in val])
     return Split(train=tr, val=va, scaler=scaler, feature_names=table.feature_names, val_entity=val_entity)
+
+
+@dataclass
+class Fold:
+    """One cross-validation fold: its split and, per entity, the table rows it trains and validates on."""
+
+    split: Split
+    train_rows: list[tuple[int, int]]   # [start, end) per entity that takes part in the fold
+    val_rows: list[tuple[int, int]]
+
+
+def cv_folds(table: Table, window: int, k: int, stride: int = 1, event_stride: int | None = None) -> list[Fold]:
+    """``k`` blocked time-series folds per entity (scikit-learn's ``TimeSeriesSplit``, gap one window).
+
+    Each entity's rows are cut into ``k + 1`` blocks in time order; fold ``i`` trains on the blocks before
+    block ``i + 1`` (less the last ``window`` rows: the gap) and validates on block ``i + 1``. Validation rows
+    never precede training rows, and a validation window's context lies in the gap, so no window of a fold's
+    validation shares a row with one of its training windows. The scaler of a fold sees its training rows only.
+    An entity too short for ``k`` folds with a window of training rows sits out the folds it cannot fill.
+    """
+    from sklearn.model_selection import TimeSeriesSplit
+
+    bounds = table.entity_bounds()
+    _check_rows(bounds, window)
+    per_fold: list[list[tuple[int, int, int, int]]] = [[] for _ in range(k)]  # (train start, end, val start, end)
+    for s, e in bounds:
+        try:
+            cuts = list(TimeSeriesSplit(n_splits=k, gap=window).split(np.arange(e - s)))
+        except ValueError:  # fewer rows than k + 1 blocks and the gap
+            continue
+        for i, (tr, va) in enumerate(cuts):
+            if len(tr) >= window and len(va):
+                per_fold[i].append((s, s + len(tr), s + int(va[0]), s + int(va[-1]) + 1))
+    y = table.y
+    folds = []
+    for i, cuts in enumerate(per_fold):
+        if not cuts:
+            raise UsageError(f"too few rows for --cv {k}: fold {i + 1} has no entity with {window} training rows "
+                             f"and validation rows after a {window}-row gap (lower --cv or --window)")
+        scaler = fit_scaler(np.concatenate([table.x[a:b] for a, b, _, _ in cuts]))
+        xs = apply_scaler(table.x, scaler)
+        train = [windows(xs[a:b], None if y is None else y[a:b], window, stride, event_stride) for a, b, _, _ in cuts]
+        val = [windows(xs[c - window + 1:d], None if y is None else y[c - window + 1:d], window)
+               for _, _, c, d in cuts]
+        val_entity = np.repeat(np.asarray(table.entity_names, dtype=object)[[table.entity[c] for _, _, c, _ in cuts]],
+                               [len(v.x) for v in val])
+        folds.append(Fold(Split(_concat(train), _concat(val), scaler, table.feature_names, val_entity),
+                          [(a, b) for a, b, _, _ in cuts], [(c, d) for _, _, c, d in cuts]))
+    return folds

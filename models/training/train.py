@@ -4,7 +4,9 @@ The design documents' approach: each member learns the task on its own (early st
 then the gating network learns per-input weights over the frozen members. Mixed precision on a GPU,
 ``MirroredStrategy`` over several GPUs, reproducible with a seed. One run gives one registry version:
 ``model.onnx`` (+ ``model.fp16.onnx``), the Keras model under ``keras/`` (warm start) and the manifest, whose
-thresholds and metrics come from the exported ONNX graph itself on the validation split.
+thresholds and metrics come from the exported ONNX graph itself on the validation split; with ``cv``, from the
+out-of-fold scores of K blocked time-series folds instead, the final model fitted on all the data, and with
+``weight_search`` the gate replaced by searched static weights when they score better out of fold.
 
 This module imports TensorFlow: the CLI and the trainer import it inside the commands that train.
 """
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +33,7 @@ from fabwatch.export.errors import UsageError
 from fabwatch.export.onnx_export import keras_to_onnx, to_fp16
 from fabwatch.export.registry import Manifest, Registry, Thresholds, ThresholdsBy
 from fabwatch.export.runtime import create_session
-from fabwatch.models.training import calibrate, data, drift
+from fabwatch.models.training import calibrate, data, drift, search
 from fabwatch.models import ensemble
 from fabwatch.models.common import Size, Task, prediction_loss
 from fabwatch.models.members import monitor
@@ -75,6 +81,12 @@ class TrainConfig(BaseModel):
     warm_start: bool = Field(False, description="start from the current version's Keras weights")
     time_budget_s: float | None = Field(None, gt=0, description="stop training at the first batch past this "
                                         "many seconds (validation scoring, export and the gate come after)")
+    cv: int | None = Field(None, ge=2, description="K blocked time-series folds: out-of-fold figures and threshold, "
+                           "the final model fitted on all the data")
+    weight_search: int | None = Field(None, ge=1, description="Optuna trials of static member weights and threshold "
+                                      "on the out-of-fold scores, against the gate (needs cv)")
+    parallel_members: bool = Field(False, description="train the members in processes of their own, as many at a "
+                                   "time as there are cores")
 
     @field_validator("members")
     @classmethod
@@ -181,8 +193,45 @@ def member_outputs(members: list[keras.Model], x: np.ndarray, forecast: bool) ->
     return np.stack(outs, axis=1) if forecast else np.concatenate(outs, axis=1)
 
 
-def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float]) -> tuple[keras.Model, dict]:
-    """Members one by one, then the gate on their frozen outputs; a float32 ensemble and a per-stage report."""
+def member_pool(cfg: TrainConfig) -> contextlib.AbstractContextManager[Executor | None]:
+    """Processes for ``parallel_members`` (spawned: TensorFlow does not survive a fork), as many as there are cores
+    and members, each with its share of the cores as TensorFlow threads; ``None`` trains members in this process.
+    One pool serves every fold of a cross-validation and the final fit."""
+    if not cfg.parallel_members:
+        return contextlib.nullcontext(None)
+    cores = os.cpu_count() or 1
+    workers = max(1, min(cores, len(cfg.members)))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_member_process, initargs=(max(1, cores // workers),))
+
+
+def _member_process(threads: int) -> None:
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _fit_member(name: str, build_args: dict[str, Any], train_xy: tuple[np.ndarray, np.ndarray | None],
+                val_xy: tuple[np.ndarray, np.ndarray | None], cfg: TrainConfig, target_std: float, deadline: float,
+                initial: list[np.ndarray] | None) -> tuple[list[np.ndarray], dict[str, float]]:
+    """One member's stage in a member process: the same seed, datasets and early stopping as in-process training.
+    ``deadline`` is on the monotonic clock, which processes of one machine share."""
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    _strategy()
+    member = ensemble.build_member(name, **build_args)
+    if initial is not None:
+        member.set_weights(initial)
+    forecast = cfg.task == "forecast"
+    report = _fit(member, dataset(*train_xy, cfg.batch_size, cfg.seed, True, forecast_member=forecast),
+                  dataset(*val_xy, cfg.batch_size, cfg.seed, False, forecast_member=forecast), cfg,
+                  _loss(cfg.task, target_std, False), deadline)
+    return member.get_weights(), report
+
+
+def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float],
+                 pool: Executor | None = None) -> tuple[keras.Model, dict]:
+    """Members one by one (or side by side in ``pool``'s processes), then the gate on their frozen outputs;
+    a float32 ensemble and a per-stage report."""
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     strategy, mixed = _strategy()
@@ -202,11 +251,18 @@ def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float
         if cfg.warm_start:
             _warm_start(model, Registry(cfg.registry), split.feature_names, cfg)
         members, gate = ensemble.members_of(model)
-        member_train = dataset(split.train.x, y_train, batch, cfg.seed, True, forecast_member=forecast)
-        member_val = dataset(val_x, val_y, batch, cfg.seed, False, forecast_member=forecast)
-        for member in members:
-            report[member.name] = _fit(member, member_train, member_val, cfg, _loss(cfg.task, target[1], False),
-                                       deadline)
+        if pool is not None:
+            jobs = [pool.submit(_fit_member, m.name, build_args, (split.train.x, y_train), (val_x, val_y), cfg,
+                                target[1], deadline, m.get_weights() if cfg.warm_start else None) for m in members]
+            for member, job in zip(members, jobs):
+                weights, report[member.name] = job.result()
+                member.set_weights(weights)
+        else:
+            member_train = dataset(split.train.x, y_train, batch, cfg.seed, True, forecast_member=forecast)
+            member_val = dataset(val_x, val_y, batch, cfg.seed, False, forecast_member=forecast)
+            for member in members:
+                report[member.name] = _fit(member, member_train, member_val, cfg,
+                                           _loss(cfg.task, target[1], False), deadline)
         trainer = ensemble.gate_trainer(gate, cfg.window, n_features, len(members), cfg.task)
         report["gate"] = _fit(
             trainer, dataset((split.train.x, member_outputs(members, split.train.x, forecast)), y_train, batch,
@@ -222,26 +278,111 @@ def fit_ensemble(split: data.Split, cfg: TrainConfig, target: tuple[float, float
     report["windows_per_s"] = (sum(s["epochs"] for s in stages) * len(split.train.x)
                                / sum(s["seconds"] for s in stages))  # through one member's training step
     report["train_windows"] = len(split.train.x)
+    report["parallel_members"] = pool is not None
     return model, report
+
+
+def _target(split: data.Split, task: Task) -> tuple[float, float]:
+    """Mean and std of the regression target on training windows (the head's rescaling); (0, 1) otherwise."""
+    return (float(split.train.y.mean()), float(split.train.y.std() or 1.0)) if task == "regress" else (0.0, 1.0)
+
+
+@dataclass
+class OutOfFold:
+    """Every fold's validation windows scored by that fold's ensemble, concatenated in fold order."""
+
+    y: np.ndarray               # [N] targets
+    members: list[str]          # the member names, in the order of ``member_scores``' columns
+    member_scores: np.ndarray   # [N, M]
+    gate_score: np.ndarray      # [N] the learned gate's combination
+    last: data.Split            # the last fold (the quality verdict's baseline trains and scores on it)
+    last_rows: slice            # its rows in the arrays above
+    figures: dict[str, Any]     # per fold and summarised: the manifest's ``cross_validation``
+
+
+def cross_validate(table: data.Table, cfg: TrainConfig, pool: Executor | None = None) -> OutOfFold:
+    """Fit the ensemble on each of ``cfg.cv`` blocked time-series folds and score its validation windows:
+    out-of-fold PR-AUC and ROC-AUC of each member and of the gate, per fold and as mean and spread, timed."""
+    started = time.perf_counter()
+    folds = data.cv_folds(table, cfg.window, cfg.cv, cfg.stride, max(1, cfg.stride // 4))
+    ys, members, gates, per_fold = [], [], [], []
+    names: list[str] = []
+    for i, fold in enumerate(folds):
+        if not fold.split.train.y.any() and cfg.task == "classify":
+            raise UsageError(f"fold {i + 1} of --cv {cfg.cv} has no positive training windows (lower --cv)")
+        fold_start = time.perf_counter()
+        model, _ = fit_ensemble(fold.split, cfg, _target(fold.split, cfg.task), pool)
+        names = [m.name for m in ensemble.members_of(model)[0]]
+        score, member_scores, _ = model.predict(fold.split.val.x, batch_size=1024, verbose=0)
+        val_y = fold.split.val.y
+        ys.append(val_y)
+        members.append(member_scores)
+        gates.append(score.reshape(-1))
+        figures = {n: calibrate.ranking_metrics(cfg.task, member_scores[:, j], val_y, cfg.delay_alert_min)
+                   for j, n in enumerate(names)}
+        figures["gate"] = calibrate.ranking_metrics(cfg.task, gates[-1], val_y, cfg.delay_alert_min)
+        per_fold.append({"fold": i + 1, "train_windows": len(fold.split.train.x), "val_windows": len(val_y),
+                         "train_rows": fold.train_rows, "val_rows": fold.val_rows, "metrics": figures,
+                         "seconds": round(time.perf_counter() - fold_start, 2)})
+        log.info("fold %d/%d: gate %s in %.0fs", i + 1, cfg.cv, figures["gate"], per_fold[-1]["seconds"])
+    summary: dict[str, dict[str, float]] = {}
+    for name in [*names, "gate"]:
+        for metric in ("pr_auc", "roc_auc"):
+            values = [f["metrics"][name][metric] for f in per_fold if metric in f["metrics"][name]]
+            if values:
+                summary.setdefault(name, {}).update({f"{metric}_mean": float(np.mean(values)),
+                                                     f"{metric}_std": float(np.std(values))})
+    y, member_scores, gate_score = np.concatenate(ys), np.concatenate(members), np.concatenate(gates)
+    summary["oof"] = calibrate.ranking_metrics(cfg.task, gate_score, y, cfg.delay_alert_min)
+    figures = {"k": cfg.cv, "gap_rows": cfg.window, "method": "sklearn TimeSeriesSplit per entity",
+               "parallel_members": pool is not None, "folds": per_fold, "summary": summary,
+               "seconds": round(time.perf_counter() - started, 2)}
+    return OutOfFold(y=y, members=names, member_scores=member_scores, gate_score=gate_score, last=folds[-1].split,
+                     last_rows=slice(len(y) - len(ys[-1]), len(y)), figures=figures)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Load, split, fit, export, calibrate on the exported graph, commit (and promote)."""
     started = time.perf_counter()
+    if cfg.cv and cfg.task == "forecast":
+        raise UsageError("--cv needs a supervised task: the forecast task's threshold is the statistical monitor's")
+    if cfg.weight_search and not cfg.cv:
+        raise UsageError("--weight-search searches out-of-fold scores: it needs --cv K")
+    if cfg.cv and cfg.threshold_by:
+        raise UsageError("--threshold-by calibrates on the validation split, --cv on out-of-fold scores: use one")
     table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window,
                       ts_col=cfg.ts_col, entity_col=cfg.entity_col, entity=cfg.entity,
                       group_col=_group_column(cfg) if cfg.entity_groups is None else None)
     # supervised: event windows train at a quarter of the stride (short events are rare at a sparse stride)
     split = data.split(table, cfg.window, cfg.val_fraction, cfg.stride, val_stride=1,
-                       event_stride=None if cfg.task == "forecast" else max(1, cfg.stride // 4))
+                       event_stride=None if cfg.task == "forecast" else max(1, cfg.stride // 4),
+                       train_on_all=bool(cfg.cv))
     if cfg.task == "classify" and not split.train.y.any():
         raise UsageError(f"label column {cfg.label_col!r} has no positive windows in the training split")
     log.info("%d training / %d validation windows of %d x %d (%s)", len(split.train.x), len(split.val.x),
              cfg.window, len(split.feature_names), ", ".join(split.feature_names))
-    target = ((float(split.train.y.mean()), float(split.train.y.std() or 1.0)) if cfg.task == "regress"
-              else (0.0, 1.0))
+    target = _target(split, cfg.task)
     groups = cfg.entity_groups if cfg.entity_groups is not None else table.groups
-    model, report = fit_ensemble(split, cfg, target)
+    oof, searched = None, None
+    with member_pool(cfg) as pool:
+        if cfg.cv:
+            oof = cross_validate(table, cfg, pool)
+        model, report = fit_ensemble(split, cfg, target, pool)
+    calibrate_with = partial(calibrate_on, split=split, cfg=cfg, groups=groups)
+    if oof is not None:
+        if cfg.weight_search:
+            try:
+                searched = search.search_weights(oof.member_scores, oof.gate_score, oof.y, cfg.task,
+                                                 cfg.weight_search, cfg.seed, cfg.target_far, cfg.delay_alert_min)
+            except ValueError as exc:
+                raise UsageError(f"--weight-search: {exc} (lower --cv or add labelled rows)") from None
+            oof.figures["weight_search"] = searched.model_dump()
+            log.info("weight search: %s %.4f for static weights %s, %.4f for the gate: serving the %s",
+                     searched.objective, searched.value, np.round(searched.weights, 3).tolist(), searched.gate_value,
+                     searched.winner)
+            if searched.winner == "static":
+                model = with_static_weights(model, searched.weights, cfg.task)
+        calibrate_with = partial(calibrate_out_of_fold, oof=oof, searched=searched, cfg=cfg)
     extra: dict[str, Any] = {}
     if cfg.task == "forecast":
         model, extra["monitor"] = _add_monitor(model, table, split, cfg.window)
@@ -249,12 +390,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
         scaler=split.scaler, members=ensemble.member_names(cfg.task, cfg.members), data_fingerprint=table.fingerprint,
         drift_reference=drift.reference(table.x, split.feature_names),  # every row of the file, as readings arrive
-        metrics={"training": report},
+        metrics={"training": report}, cross_validation=oof.figures if oof is not None else {},
         extra=extra | {"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
                "target": {"mean": target[0], "std": target[1]}})
     registry = Registry(cfg.registry)
-    version, _ = write_version(model, manifest, registry, fp16=cfg.fp16, promote=False,
-                               calibrate_with=partial(calibrate_on, split=split, cfg=cfg, groups=groups))
+    version, _ = write_version(model, manifest, registry, fp16=cfg.fp16, promote=False, calibrate_with=calibrate_with)
     verdict = registry.manifest(version).metrics["quality"]
     promoted = cfg.promote and (verdict["ok"] is not False or cfg.force)
     if promoted:
@@ -336,6 +476,46 @@ def thresholds_by(score: np.ndarray, split: data.Split, cfg: TrainConfig, groups
     return ThresholdsBy(by=cfg.threshold_by, min_windows=cfg.threshold_min_windows, groups=groups, keys=figures)
 
 
+def with_static_weights(model: keras.Model, weights: list[float], task: Task) -> keras.Model:
+    """The ensemble with its gate replaced by constant member ``weights`` (supervised tasks): the exported graph's
+    ``score`` is the weighted sum and its ``weights`` output that vector, so serving and `evaluate` need nothing new."""
+    if task == "forecast":
+        raise ValueError("static weights combine supervised scores; the forecast task's score is the monitor's")
+    _, window, n_features = model.input_shape
+    members, _ = ensemble.members_of(model)
+    return ensemble.assemble(members, ensemble.static_gate(weights, window, n_features), window, n_features, task)
+
+
+def calibrate_out_of_fold(onnx_path: Path, manifest: Manifest, *, oof: OutOfFold,
+                          searched: search.SearchResult | None, cfg: TrainConfig) -> None:
+    """Thresholds, calibration, metrics and the quality verdict from the out-of-fold scores of what is served:
+    the gate's combination, or the searched static weights with their searched threshold. (The final model,
+    fitted on all the data, has no held-out rows of its own; ``onnx_path`` is not scored.)"""
+    static = searched is not None and searched.winner == "static"
+    score = oof.member_scores @ np.asarray(searched.weights) if static else oof.gate_score
+    thresholds = calibrate.choose_thresholds(cfg.task, score, oof.y, target_far=cfg.target_far,
+                                             delay_alert_min=cfg.delay_alert_min)
+    if static:
+        cal = calibrate.calibration(score, calibrate.normal_mask(cfg.task, len(score), oof.y, cfg.delay_alert_min))
+        thresholds = thresholds.model_copy(update={
+            "alert": searched.threshold, "close": calibrate.CLOSE_RATIO * searched.threshold,
+            "critical": searched.threshold + calibrate.CRITICAL_Z * cal["std"],
+            "method": f"static weights and threshold searched on {cfg.cv}-fold out-of-fold scores "
+                      f"({searched.objective} {searched.value:.3f}, gate {searched.gate_value:.3f})"})
+    else:
+        thresholds = thresholds.model_copy(update={"method": f"{thresholds.method} ({cfg.cv}-fold out-of-fold)"})
+    manifest.thresholds = thresholds
+    normal = calibrate.normal_mask(cfg.task, len(score), oof.y, cfg.delay_alert_min)
+    manifest.calibration = calibrate.calibration(score, normal)
+    manifest.metrics.update(calibrate.score_metrics(cfg.task, score, oof.y, thresholds, cfg.delay_alert_min))
+    manifest.metrics["member_roc_auc"] = calibrate.member_aucs(oof.member_scores, oof.y, manifest.members, cfg.task,
+                                                               cfg.delay_alert_min)
+    last = oof.last
+    manifest.metrics["quality"] = calibrate.quality(cfg.task, last.train.x, last.train.y, last.val.x, last.val.y,
+                                                    score[oof.last_rows], cfg.delay_alert_min)
+    log.info("out-of-fold: %s", {k: round(v, 4) for k, v in manifest.metrics.items() if isinstance(v, float)})
+
+
 def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str], cfg: TrainConfig) -> None:
     """Copy the current version's weights when it has the same features, task, size and window."""
     vdir, manifest = registry.resolve()
@@ -343,7 +523,12 @@ def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str]
             feature_names, cfg.task, cfg.size, cfg.window, ensemble.member_names(cfg.task, cfg.members)):
         raise UsageError(f"cannot warm-start from {manifest.version}: its features, task, size, window or members "
                          "differ")
-    model.set_weights(load_keras(vdir).get_weights())
+    current = load_keras(vdir)
+    members, gate = ensemble.members_of(model)
+    for layer in members:
+        layer.set_weights(current.get_layer(layer.name).get_weights())
+    if current.get_layer(gate.name).weights:  # a version that serves searched static weights has no gate to copy
+        gate.set_weights(current.get_layer(gate.name).get_weights())
     log.info("warm start from %s", manifest.version)
 
 

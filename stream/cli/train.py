@@ -101,6 +101,14 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
           warm_start: Annotated[bool, typer.Option("--warm-start", help="start from the current version")] = False,
           force: Annotated[bool, typer.Option("--force", help="promote even a model no better than chance or "
                                                              "a simple baseline on its validation data")] = False,
+          cv: Annotated[Optional[int], typer.Option("--cv", help="K blocked time-series folds: out-of-fold figures "
+                                                          "and threshold; the final model fits all the data")] = None,
+          weight_search: Annotated[Optional[int], typer.Option("--weight-search", help="N Optuna trials of static "
+                                                                     "member weights and threshold on the "
+                                                                     "out-of-fold scores, against the gate "
+                                                                     "(with --cv)")] = None,
+          parallel_members: Annotated[bool, typer.Option("--parallel-members", help="train the members in "
+                                                                                    "processes of their own")] = False,
           as_json: JsonFlag = False) -> None:
     """Train the ensemble, export it to ONNX, commit it to the registry and promote it (unless its validation
     shows it no better than chance or a simple baseline: then it is committed, not promoted, and says why)."""
@@ -112,6 +120,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
         raise UsageError(f"--unsupervised trains the forecast task, not --task {task}")
     if threshold_by is not None and threshold_by != "entity" and not threshold_by.startswith("group:"):
         raise UsageError(f"--threshold-by takes entity or group:COLUMN, not {threshold_by!r}")
+    if weight_search:
+        require_extra("train", "optuna")
     _log_to_stderr()
     from fabwatch.models.training.train import TrainConfig
     from fabwatch.models.training.train import train as run
@@ -120,9 +130,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
                "promote": not no_promote, "warm_start": warm_start, "force": force, "members": member_list,
+               "parallel_members": parallel_members,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
-                                        nan_tolerance=nan_tolerance, target_far=target_far, window=window,
+                                        nan_tolerance=nan_tolerance, target_far=target_far, window=window, cv=cv,
+                                        weight_search=weight_search,
                                         threshold_by=threshold_by, threshold_min_windows=threshold_min_windows,
                                         ts_col=ts_col, entity_col=entity_col, entity=entity).items() if v is not None}}
     try:
@@ -136,7 +148,8 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
                "thresholds": m.thresholds.model_dump() if m.thresholds else None, "parity": m.parity,
                "thresholds_by": m.thresholds_by.model_dump() if m.thresholds_by else None,
                "metrics": {k: v for k, v in m.metrics.items() if k != "training"},
-               "train_windows_per_s": m.metrics["training"]["windows_per_s"]}
+               "train_windows_per_s": m.metrics["training"]["windows_per_s"],
+               "cross_validation": {k: v for k, v in m.cross_validation.items() if k != "folds"}}
     auc, by = m.metrics.get("roc_auc"), m.thresholds_by
     own = (f"thresholds by {by.by}: {sum(k.source != 'pooled' for k in by.keys.values())} of {len(by.keys)} have "
            f"their own, the rest the pooled one\n" if by else "")
@@ -396,6 +409,48 @@ def bench_tep(data_dir: Annotated[Optional[Path], typer.Option(
     emit(result, as_json, "\n".join(lines))
 
 
+def bench_cv(data_dir: Annotated[Optional[Path], typer.Option(
+                 "--data-dir", help="the Tennessee Eastman files (default: $FABWATCH_DATASETS/tep, else "
+                 "../shared/datasets/tep)")] = None,
+             synthetic: Annotated[bool, typer.Option(help="the labelled synthetic data (and the timing)")] = True,
+             tep: Annotated[bool, typer.Option(help="the supervised Tennessee Eastman task")] = True,
+             folds: Annotated[int, typer.Option(help="K of the blocked time-series folds")] = 5,
+             trials: Annotated[int, typer.Option(help="Optuna trials of the static weight search")] = 100,
+             window: Annotated[int, typer.Option(help="steps per window")] = 30,
+             steps: Annotated[int, typer.Option(help="synthetic readings per entity (3 entities)")] = 1200,
+             tep_folds: Annotated[int, typer.Option(help="K on the Tennessee Eastman task")] = 3,
+             timing: Annotated[bool, typer.Option(help="also time the synthetic folds with the members in "
+                                                       "processes of their own")] = True,
+             as_json: JsonFlag = False) -> None:
+    """Cross-validation: out-of-fold PR-AUC and detection rate at 1 % false alarms of each member, the gate and
+    searched static weights; the CV wall time with members one by one against in parallel processes."""
+    require_extra("train", "optuna")
+    if min(folds, tep_folds) < 2 or trials < 1:
+        raise UsageError("--folds and --tep-folds must be at least 2, --trials at least 1")
+    _log_to_stderr()
+    from fabwatch.models.bench.cv import run as run_cv
+    from fabwatch.stream.bench.kafka import machine_info
+
+    result = {"machine": machine_info(), **run_cv(dataset_dir("tep", data_dir) if tep else None, folds, trials, window,
+                                                  steps=steps, tep_folds=tep_folds, timing=timing,
+                                                  synthetic=synthetic,
+                                                  progress=lambda step: logging.getLogger(__name__).info("%s", step))}
+    lines = [result["machine"]["command"]]
+    for figures in result["data"].values():
+        ws = figures["weight_search"]
+        lines += [f"{figures['data']}: {figures['windows']} out-of-fold windows, {figures['cv_seconds']:.0f} s; "
+                  f"served: {ws['winner']}",
+                  f"  {'':<16} {'PR-AUC':>7} {'folds mean+-std':>16} {'DR@1%FAR':>9}"]
+        for name, row in figures["table"].items():
+            spread = (f"{row['pr_auc_mean']:.3f}+-{row['pr_auc_std']:.3f}" if "pr_auc_mean" in row else "")
+            lines.append(f"  {name:<16} {row['pr_auc']:>7.3f} {spread:>16} {row['detection_rate']:>9.3f}")
+    if "timing" in result:
+        t = result["timing"]
+        lines.append(f"{t['what']}: sequential {t['sequential_s']:.0f} s, parallel {t['parallel_s']:.0f} s "
+                     f"(x{t['speedup']})")
+    emit(result, as_json, "\n".join(lines))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     """Add this area's commands to ``app`` and its benchmarks to ``bench_app``."""
     app.command("synth")(synth)
@@ -413,3 +468,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("members")(bench_members)
     bench_app.command("retrain")(bench_retrain)
     bench_app.command("tep")(bench_tep)
+    bench_app.command("cv")(bench_cv)
