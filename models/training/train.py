@@ -218,7 +218,7 @@ def _fit_member(name: str, build_args: dict[str, Any], train_xy: tuple[np.ndarra
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     _strategy()
-    member = ensemble.build_member(name, **build_args)
+    member = ensemble.build_member(name, **{k: v for k, v in build_args.items() if k != "members"})
     if initial is not None:
         member.set_weights(initial)
     forecast = cfg.task == "forecast"
