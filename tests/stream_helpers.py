@@ -141,10 +141,10 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 3
 
 
 def committed_offsets(settings: Settings, group: str, topic: str, partitions: int = PARTITIONS,
-                      **config: str) -> dict[int, int]:
+                      config: dict[str, str] | None = None) -> dict[int, int]:
     """The group's committed offset per partition (negative: none), riding out a coordinator that moves
     or is still loading (busy machine, broker restarts)."""
-    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False, **config}))
+    c = Consumer(settings.client_config(**{"group.id": group, "enable.auto.commit": False, **(config or {})}))
     try:
         got = retry_transient(lambda: c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10),
                               f"the committed offsets of {group}")

@@ -44,7 +44,7 @@ def test_sigkill_during_transactions_loses_and_duplicates_no_alert(settings, tmp
     def committed() -> int:
         """Readings committed so far. read_uncommitted: an OffsetFetch that waits for stable offsets would
         block on the offsets of a killed transaction until its successor fences it."""
-        offsets = committed_offsets(settings, group, sensors, isolation_level="read_uncommitted")
+        offsets = committed_offsets(settings, group, sensors, config={"isolation.level": "read_uncommitted"})
         return sum(max(o, 0) for o in offsets.values())
 
     kills, done = 0, 0
