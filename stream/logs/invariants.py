@@ -36,7 +36,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from fabwatch.export.errors import UsageError
+from fabwatch.export.errors import UsageError, read_json_model
 
 INVARIANTS = "invariants.json"   # the count model, in a logkeys registry version
 MAX_COEFFICIENT = 3              # |theta_i|: relations like count(26) == 2*count(6) + count(9), not beyond
@@ -76,12 +76,7 @@ class CountModel(BaseModel):
 
     @classmethod
     def read(cls, path: Path) -> "CountModel":
-        try:
-            return cls.model_validate_json(Path(path).read_bytes())
-        except FileNotFoundError:
-            raise UsageError(f"count model {path} not found") from None
-        except ValueError as exc:
-            raise UsageError(f"{path}: not a count model ({str(exc)[:200]})") from None
+        return read_json_model(cls, path, "count model")
 
     @classmethod
     def from_registry(cls, registry: Path | str, version: str | None = None) -> "CountModel | None":

@@ -31,7 +31,7 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from fabwatch.export.errors import UsageError
+from fabwatch.export.errors import UsageError, read_json_model
 from fabwatch.stream.logs.parse import DrainState, hdfs_lines, make_matcher
 
 NUMBER = re.compile(r"(?<![\w.:/-])\d+(?![\w.:/-])")   # a standalone integer: not part of an id, address or path
@@ -88,12 +88,7 @@ class ParamModel(BaseModel):
 
     @classmethod
     def read(cls, path: Path) -> "ParamModel":
-        try:
-            return cls.model_validate_json(Path(path).read_bytes())
-        except FileNotFoundError:
-            raise UsageError(f"parameter model {path} not found") from None
-        except ValueError as exc:
-            raise UsageError(f"{path}: not a parameter model ({str(exc)[:200]})") from None
+        return read_json_model(cls, path, "parameter model")
 
     def write(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=1))

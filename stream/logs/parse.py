@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
-from fabwatch.export.errors import UsageError
+from fabwatch.export.errors import UsageError, read_json_model
 
 if TYPE_CHECKING:
     from drain3 import TemplateMiner
@@ -110,12 +110,7 @@ class DrainState(BaseModel):
 
     @classmethod
     def read(cls, path: Path) -> "DrainState":
-        try:
-            return cls.model_validate_json(Path(path).read_bytes())
-        except FileNotFoundError:
-            raise UsageError(f"Drain state {path} not found") from None
-        except ValueError as exc:
-            raise UsageError(f"{path}: not a Drain state ({str(exc)[:200]})") from None
+        return read_json_model(cls, path, "Drain state")
 
     @classmethod
     def from_registry(cls, registry: Path, version: str | None = None) -> "DrainState":
