@@ -73,22 +73,16 @@ class ProcessorMetrics(ServingMetrics):
         self.live_keys = Gauge("fabwatch_live_keys", "keys with a window in memory", registry=r)
         self.policy_expired = Counter("fabwatch_policy_expired", "alert states dropped after the key TTL of silence "
                                       "(open: an open alert that gets no close)", ["state"], registry=r)
-        self.policy_state_dropped = Gauge("fabwatch_policy_state_dropped", "non-quiet keys of the partition left out "
-                                          "of its last committed alert state (over the offset metadata limit)",
-                                          ["partition"], registry=r)
+        self.policy_state_restored = Counter("fabwatch_policy_state_restored", "non-quiet alert policy keys (open "
+                                             "alerts, runs, cooldowns) read back from the state topic on assignment",
+                                             registry=r)
         self._policy_expired_seen: dict[str, int] = {}
-        self._policy_partitions: set[int] = set()
 
     def observe_policy(self, counters: PolicyCounters) -> None:
         """Bring in the alert policy's own counters (the policy runs offline too); called at each commit."""
         for state, total in (("open", counters.expired_open), ("pending", counters.expired_pending)):
             self.policy_expired.labels(state=state).inc(total - self._policy_expired_seen.get(state, 0))
             self._policy_expired_seen[state] = total
-        for partition in self._policy_partitions - counters.dropped.keys():
-            self.policy_state_dropped.remove(str(partition))
-        for partition, n in counters.dropped.items():
-            self.policy_state_dropped.labels(partition=str(partition)).set(n)
-        self._policy_partitions = set(counters.dropped)
 
 
 class LogServeMetrics(ServingMetrics):

@@ -7,29 +7,22 @@ ones. After a close, a key stays quiet for ``cooldown_ms`` of event time. Every 
 the scored windows and their timestamps (event time, never the wall clock), so a replay, a restart or the
 offline evaluator reach the same decisions and the same ``alert_id``s.
 
-Only keys away from the quiet state carry a ``KeyState``. It travels with the committed offsets
-(``export_state`` / ``import_state``) so a restart resumes an open alert instead of opening a new one:
-column-packed, LZMA-compressed and base85-encoded (``python -m fabwatch.stream.bench.policy_state``
-measures how many keys fit). When a partition's states still exceed the room
-given, the most important are kept (open alerts, then runs, then cooldowns; the most recently seen
-first) and ``PolicyCounters.dropped`` says how many were left out
-(``fabwatch_policy_state_dropped``).
+Only keys away from the quiet state carry a ``KeyState``. The policy notes which keys changed what they
+carry (``take_changes``); the processor writes those to its compacted state topic (``fabwatch.stream.kafka.state``)
+and ``restore``s a partition's keys from it on assignment, so a restart resumes an open alert instead of
+opening a new one, however many keys are open.
 
 Expiry: a key whose windows stop for longer than the key TTL (event time, to the minute) loses its
 state. An open alert expires without a ``closed`` alert (no window said it recovered): if the key comes
 back still high, a new alert opens with a new id. The rule is per key, so the processor and the offline
 evaluator decide alike; the processor also prunes states silent for the TTL against the newest window
-of their partition, so keys that never come back do not fill the committed state.
+of their partition, so keys that never come back do not fill the state topic (``prune_expired``: each leaves a tombstone).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import lzma
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -40,11 +33,7 @@ from fabwatch.stream.schemas import Alert, FeatureContribution, SourceOffset, al
 
 log = logging.getLogger("fabwatch.policy")
 
-MINUTE_MS = 60_000      # resolution of a key's last-seen time: expiry does not need finer, and it packs small
-STATE_FORMAT = "x1:"    # prefix of the packed state, so a future layout can be told apart
-_HEADER = struct.Struct("<IqBBBB")  # keys, the partition clock (minute), the byte width of each of the 4 columns
-# raw LZMA2 (no container: its headers would cost a tenth of the room); beats zlib by a third on these states
-_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20}]
+MINUTE_MS = 60_000      # resolution of a key's last-seen time: expiry does not need finer, and it stores small
 
 
 @dataclass
@@ -77,7 +66,7 @@ class KeyState:
         return not self.open and self.run == 0 and (self.closed_at < 0 or now_ts - self.closed_at >= cooldown_ms)
 
     def packed_fields(self) -> tuple[bool, int, int, int]:
-        """What ``export_state`` writes of this key: when it changes, the partition's state is packed again."""
+        """What the state topic stores of this key: when it changes, the key is written again."""
         return self.open, self.run, self.closed_at, self.last_min
 
 
@@ -87,7 +76,6 @@ class PolicyCounters:
 
     expired_open: int = 0       # open alerts dropped after the key TTL of silence (they get no ``closed``)
     expired_pending: int = 0    # runs and cooldowns dropped after the key TTL of silence
-    dropped: dict[int, int] = field(default_factory=dict)  # partition -> keys left out of its last export
 
 
 @dataclass
@@ -114,9 +102,8 @@ class AlertPolicy:
         self.ttl_ms = None if ttl_s is None else int(ttl_s * 1000)
         self.counters = PolicyCounters()
         self._clock_min: dict[int, int] = {}  # partition -> minute of its newest window, for pruning
-        # packing costs milliseconds (LZMA) and the processor exports at every commit: partition -> (max_chars,
-        # text) of its last export, reused until a key of the partition changes what it packs
-        self._exported: dict[int, tuple[int | None, str]] = {}
+        # entity -> partition of the keys whose stored fields changed (or that went quiet) since ``take_changes``
+        self._changed: dict[str, int] = {}
         self.set_manifest(manifest)
 
     def set_manifest(self, manifest: Manifest) -> None:
@@ -181,7 +168,7 @@ class AlertPolicy:
                 states[entity] = st
                 after = st.packed_fields()
             if after != before:
-                self._exported.pop(st.partition, None)
+                self._changed[entity] = st.partition
         return alerts
 
     def figures(self, entity: str) -> Figures:
@@ -199,7 +186,7 @@ class AlertPolicy:
 
     def _expire(self, entity: str) -> None:
         st = self.states.pop(entity)
-        self._exported.pop(st.partition, None)
+        self._changed[entity] = st.partition
         if st.open:
             self.counters.expired_open += 1
         else:
@@ -254,114 +241,38 @@ class AlertPolicy:
             state=state,
         )
 
-    # ---- state that travels with committed offsets ------------------------------------------
-    def export_state(self, partition: int, max_chars: int | None = None) -> str:
-        """The packed non-quiet keys last seen on ``partition`` ("" when none), at most ``max_chars`` long.
+    # ---- state that travels through the state topic ------------------------------------------
+    def take_changes(self) -> list[tuple[str, int, KeyState | None]]:
+        """(entity, partition, state or None when it went quiet or expired) of every key whose stored fields
+        changed since the last call, and forgets them: the caller writes them with the batch that made them."""
+        changes = [(e, p, self.states.get(e)) for e, p in self._changed.items()]
+        self._changed = {}
+        return changes
 
-        States silent for the TTL are pruned first. Over ``max_chars``, the most important keys are kept
-        (see ``_importance``) and the rest counted in ``counters.dropped[partition]``.
-        """
-        clock = self._clock_min.get(partition, 0)
-        for entity in [e for e, s in self.states.items() if s.partition == partition and self._expired(s, clock)]:
+    def prune_expired(self) -> int:
+        """Expire the states silent for the TTL against the newest window of their partition (they would expire
+        on their key's next window anyway); returns how many, each now a change (a tombstone to write)."""
+        if self.ttl_ms is None:
+            return 0
+        gone = [e for e, s in self.states.items() if self._expired(s, self._clock_min.get(s.partition, s.last_min))]
+        for entity in gone:
             self._expire(entity)
-        cached = self._exported.get(partition)
-        if cached is not None and cached[0] == max_chars:
-            return cached[1]
-        rows = sorted(((e, s) for e, s in self.states.items() if s.partition == partition), key=_importance)
-        keep, text = len(rows), _pack(rows, clock)
-        while max_chars is not None and len(text) > max_chars:
-            keep = min(keep - 1, int(keep * max_chars / len(text) * 0.97))
-            text = _pack(rows[:keep], clock)
-        dropped = len(rows) - keep
-        if dropped and not self.counters.dropped.get(partition):
-            log.warning("alert state of partition %d: %d of %d keys over the offset metadata limit are not "
-                        "carried (open alerts kept first; fabwatch_policy_state_dropped counts them)",
-                        partition, dropped, len(rows))
-        self.counters.dropped[partition] = dropped
-        self._exported[partition] = max_chars, text
-        return text
+        return len(gone)
 
-    def import_state(self, partition: int, text: str | None) -> None:
-        """Resume the keys of ``partition`` from ``export_state``'s text; unreadable text is logged and ignored."""
-        if not text:
-            return
-        try:
-            clock, rows = _unpack(text)
-        except (ValueError, lzma.LZMAError, struct.error, binascii.Error) as exc:
-            log.warning("alert state of partition %d unreadable (%s): its keys start quiet", partition, exc)
-            return
-        self._clock_min[partition] = max(clock, self._clock_min.get(partition, clock))
-        self._exported.pop(partition, None)
-        for entity, st in rows:
+    def restore(self, partition: int, states: dict[str, KeyState]) -> None:
+        """Resume the non-quiet keys of ``partition`` as the state topic last stored them."""
+        for entity, st in states.items():
             st.partition = partition
             self.states[entity] = st
+        if states:
+            newest = max(st.last_min for st in states.values())
+            self._clock_min[partition] = max(newest, self._clock_min.get(partition, newest))
 
     def drop_partitions(self, partitions: Sequence[int]) -> None:
+        """Forget the keys of ``partitions`` (revoked, or rewound after an abort), changes not yet taken included."""
         wanted = set(partitions)
         for entity in [e for e, s in self.states.items() if s.partition in wanted]:
             del self.states[entity]
+        self._changed = {e: p for e, p in self._changed.items() if p not in wanted}
         for p in wanted:
             self._clock_min.pop(p, None)
-            self._exported.pop(p, None)
-            self.counters.dropped.pop(p, None)
-
-
-def _importance(row: tuple[str, KeyState]) -> tuple[bool, bool, int]:
-    """Sort key, most important first: open alerts (losing one re-opens it under a new id), then runs
-    (losing one delays an open), then cooldowns; within each, the most recently seen."""
-    st = row[1]
-    return not st.open, st.run == 0, -st.last_min
-
-
-def _zigzag(values: np.ndarray) -> np.ndarray:
-    """int64 -> uint64 with small magnitudes small (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...)."""
-    return ((values << 1) ^ (values >> 63)).view(np.uint64)
-
-
-def _unzigzag(values: np.ndarray) -> np.ndarray:
-    return ((values >> np.uint64(1)).view(np.int64)) ^ -((values & np.uint64(1)).view(np.int64))
-
-
-def _packed_column(values: np.ndarray) -> tuple[int, bytes]:
-    """(width in bytes, the column in that width, laid out byte plane by byte plane): the high planes, mostly
-    alike, compress to little."""
-    u = _zigzag(values)
-    width = next(w for w in (1, 2, 4, 8) if w == 8 or int(u.max(initial=0)) < 1 << (8 * w))
-    return width, u.astype(f"<u{width}").view(np.uint8).reshape(-1, width).T.tobytes()
-
-
-def _pack(rows: Sequence[tuple[str, KeyState]], clock_min: int) -> str:
-    if not rows:
-        return ""
-    rows = sorted(rows, key=lambda r: r[0])  # neighbouring names share prefixes
-    names = [e.encode() for e, _ in rows]
-    columns = np.array([[len(b) for b in names],
-                        [st.run * 4 + (st.closed_at >= 0) * 2 + st.open for _, st in rows],
-                        [clock_min - st.last_min for _, st in rows],
-                        [st.last_min * MINUTE_MS - st.closed_at if st.closed_at >= 0 else 0 for _, st in rows]],
-                       dtype=np.int64)
-    widths, planes = zip(*(_packed_column(c) for c in columns))
-    body = _HEADER.pack(len(rows), clock_min, *widths) + b"".join(planes) + b"".join(names)
-    return STATE_FORMAT + base64.b85encode(lzma.compress(body, lzma.FORMAT_RAW, filters=_LZMA)).decode("ascii")
-
-
-def _unpack(text: str) -> tuple[int, list[tuple[str, KeyState]]]:
-    if not text.startswith(STATE_FORMAT):
-        raise ValueError(f"not a {STATE_FORMAT!r} state (from an older fabwatch?)")
-    body = lzma.decompress(base64.b85decode(text[len(STATE_FORMAT):]), lzma.FORMAT_RAW, filters=_LZMA)
-    n, clock_min, *widths = _HEADER.unpack_from(body)
-    at, columns = _HEADER.size, []
-    for width in widths:
-        plane = np.frombuffer(body, np.uint8, n * width, at).reshape(width, n)
-        columns.append(_unzigzag(np.ascontiguousarray(plane.T).view(f"<u{width}").ravel().astype(np.uint64)))
-        at += n * width
-    rows = []
-    for length, flags, age, closed in zip(*(c.tolist() for c in columns)):
-        entity = body[at:at + length].decode()
-        at += length
-        last_min = clock_min - age
-        rows.append((entity, KeyState(partition=-1, open=bool(flags & 1), run=flags >> 2, last_min=last_min,
-                                      closed_at=last_min * MINUTE_MS - closed if flags & 2 else -1)))
-    if at != len(body):
-        raise ValueError(f"{len(body) - at} bytes left after {n} keys")
-    return clock_min, rows

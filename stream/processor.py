@@ -19,10 +19,19 @@ State across restarts and rebalances
     scale step rebuilds those alone. An explicit ``instance_id`` also makes the member static
     (``group.instance.id``): restarted within ``session.timeout.ms`` it gets its partitions back with no
     rebalance at all (and, stopped, it holds them that long). The alert policy's
-    non-quiet keys (open alerts, runs, cooldowns) travel packed as the committed offset's metadata; past
-    ``MAX_OFFSET_METADATA`` the least important are left out (``fabwatch_policy_state_dropped``). Together
-    with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
-    the same alert ids, as an uninterrupted one.
+    non-quiet keys (open alerts, runs, cooldowns) live in the compacted policy state topic
+    (``fabwatch.stream.kafka.state``), co-partitioned with the sensors: each batch writes the keys it changed
+    with its outputs (exactly-once: in its transaction; at-least-once: flushed before its offsets are
+    committed), and on assignment each partition's keys are read back whole, within ``state_restore_timeout_s``.
+    Together with the data-defined stride, a restarted or rebalanced processor makes the same decisions, with
+    the same alert ids, as an uninterrupted one, however many keys are open. At-least-once writes the state
+    only once the batch's outputs are delivered, which leaves one window: a crash after the state is written
+    but before the offsets are committed restarts with the state of that batch (ahead) and re-reads its
+    readings. A key whose alert the batch opened or closed is mostly judged alike (the repeat is not emitted,
+    or emitted under the same id), but its windows from before that change are judged against the later
+    state: a low one may close the alert the state holds open and the next high one re-open it, and a run of
+    high windows is counted twice and may open a few windows early; such alerts carry ids an uninterrupted
+    run does not give. Exactly-once has no such window (state, outputs and offsets commit together).
 
 Hot reload
     A watcher thread (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer (a ModelEvent
@@ -64,6 +73,7 @@ from fabwatch.stream.metrics import DEFAULT_METRICS_HOST, Liveness, MetricsServe
 from fabwatch.stream.policy import PolicyConfig
 from fabwatch.stream.kafka.outputs import DeadLetters, DeliveryTracker
 from fabwatch.stream.kafka.retry import retry_transient
+from fabwatch.stream.kafka.state import ChangeLog
 from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.silences import SilencedAlerts, SilenceFeed, SilenceGate
 from fabwatch.stream.kafka.topics import ensure_topics
@@ -72,7 +82,6 @@ from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE,
 
 log = logging.getLogger("fabwatch.processor")
 
-MAX_OFFSET_METADATA = 4000  # the broker's offset.metadata.max.bytes defaults to 4096
 # librdkafka's max.poll.interval.ms default: a consumer that goes this long between polls has left its group
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 CONSUME_LOOP = "consume loop"  # its name in Liveness and in /healthz's answer
@@ -102,6 +111,7 @@ class ProcessorConfig:
     rebuild_chunk: int = 20_000
     rebuild_max_messages: int = 2_000_000
     rebuild_timeout_s: float = 30.0  # per partition
+    state_restore_timeout_s: float = 60.0  # reading the assigned partitions of the policy state topic
     transaction_timeout_ms: int = 30_000
     providers: Sequence[str] | None = None
     silenced_alerts: SilencedAlerts = "drop"  # or "mark": published with silence_id set
@@ -159,6 +169,7 @@ class Processor(StopOnSignal):
                                         lambda reason: self.metrics.dlq_lost.labels(reason=reason.value).inc())
         self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
                                    "isolation.level": "read_committed", "enable.partition.eof": True})
+        self.changelog = ChangeLog(settings, config.group_id)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -167,7 +178,8 @@ class Processor(StopOnSignal):
     def run(self) -> None:
         cfg = self.config
         ensure_topics(self.settings, [self.topics.sensors, self.topics.alerts, self.topics.dlq, self.topics.scores,
-                                      self.topics.models, self.topics.silences])
+                                      self.topics.models, self.topics.silences, self.topics.policy_state])
+        self.changelog.check_copartitioned(self.topics.sensors)
         silence_feed = self._silence_feed = SilenceFeed(self.settings, self.silences.silences, cfg.group_id)
         silence_feed.catch_up()
         log.info("%d maintenance silences known", len(self.silences.silences))
@@ -211,6 +223,7 @@ class Processor(StopOnSignal):
             self.consumer.close()  # leaves the group (on_revoke runs)
         finally:
             self.rebuilder.close()
+            self.changelog.close()
             if self._silence_feed is not None:
                 self._silence_feed.close()
             self.producer.flush(10)
@@ -245,6 +258,8 @@ class Processor(StopOnSignal):
         else:
             self._produce_outputs(good, cols, result)
             self._delivery.flush_or_raise(self.producer)
+            if self._produce_state():  # after the outputs are delivered: a crash between loses no alert
+                self._delivery.flush_or_raise(self.producer)
             self._commit(sync=False)
         self._observe(result)
 
@@ -275,15 +290,17 @@ class Processor(StopOnSignal):
                         on_delivery=on_delivery)
         self.producer.poll(0)
 
+    def _produce_state(self) -> bool:
+        """Write the alert policy keys that changed since the last batch to the state topic; False if none did."""
+        changes = self.engine.policy.take_changes()
+        self.changelog.produce(self.producer, changes, self._delivery.on_delivery)
+        return bool(changes)
+
     def _offsets(self, partitions: Sequence[int] | None = None) -> list[TopicPartition]:
-        """Positions to commit, each with the alert policy state of its partition as metadata."""
+        """Positions to commit."""
         wanted = self._assigned if partitions is None else set(partitions)
-        out = []
-        for p, off in sorted(self._next_offset.items()):
-            if p not in wanted:
-                continue
-            meta = self.engine.policy.export_state(p, MAX_OFFSET_METADATA)
-            out.append(TopicPartition(self.topics.sensors, p, off, metadata=meta))
+        out = [TopicPartition(self.topics.sensors, p, off) for p, off in sorted(self._next_offset.items())
+               if p in wanted]
         self.metrics.observe_policy(self.engine.policy.counters)
         return out
 
@@ -301,6 +318,7 @@ class Processor(StopOnSignal):
         try:
             p.begin_transaction()
             self._produce_outputs(msgs, cols, result)
+            self._produce_state()
             offsets, group = self._offsets(), self.consumer.consumer_group_metadata()
             self._in_transaction(lambda: p.send_offsets_to_transaction(offsets, group, 30), "sending offsets")
             self._in_transaction(lambda: p.commit_transaction(30), "committing the transaction")
@@ -331,7 +349,7 @@ class Processor(StopOnSignal):
         self.silences.drop_partitions(parts)
         for p in parts:
             self._next_offset.pop(p, None)
-        committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        committed, _ = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
         for tp in committed:
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
 
@@ -360,6 +378,7 @@ class Processor(StopOnSignal):
         self.metrics.evicted.labels(why="cap").inc(counters.evicted_cap - self._cap_evictions_seen)
         self._cap_evictions_seen = counters.evicted_cap
         self.metrics.live_keys.set(len(self.engine.windows))
+        self.engine.policy.prune_expired()  # their tombstones go out with the next batch
         for tp in self.consumer.position([TopicPartition(self.topics.sensors, q) for q in sorted(self._assigned)]):
             try:
                 _, high = self.consumer.get_watermark_offsets(tp, timeout=1, cached=False)
@@ -377,10 +396,11 @@ class Processor(StopOnSignal):
             return
         t0 = time.monotonic()
         added = sorted(tp.partition for tp in partitions)
-        self._restore(partitions)
+        restored = self._restore(partitions)[1]
         self._assigned |= set(added)
-        log.info("assigned partitions %s, now holding %s (windows rebuilt for %d keys in %.2fs)", added,
-                 sorted(self._assigned), len(self.engine.windows.keys_in(added)), time.monotonic() - t0)
+        log.info("assigned partitions %s, now holding %s (windows rebuilt for %d keys, alert state restored for %d "
+                 "in %.2fs)", added, sorted(self._assigned), len(self.engine.windows.keys_in(added)), restored,
+                 time.monotonic() - t0)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
@@ -404,18 +424,26 @@ class Processor(StopOnSignal):
             self._next_offset.pop(p, None)
             self.metrics.lag.remove(str(p))  # the new owner reports it; a frozen copy here would add to the sum
 
-    def _restore(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        """Load committed offsets (+ alert state) and rebuild each key's window from the readings before them."""
+    def _restore(self, partitions: list[TopicPartition]) -> tuple[list[TopicPartition], int]:
+        """Load committed offsets, rebuild each key's window from the readings before them, and restore the alert
+        state of the partitions from the state topic. Returns the committed offsets and how many keys were restored.
+
+        The state is read after the committed offsets: a committed-offsets fetch waits for a transaction that
+        holds offsets of these partitions (a previous owner's) to end, and its state writes end with it."""
         if not partitions:
-            return []
+            return [], 0
         wanted = [TopicPartition(tp.topic, tp.partition) for tp in partitions]
         committed = retry_transient(lambda: self.consumer.committed(wanted, timeout=30), "reading committed offsets")
         for tp in committed:
             if tp.offset >= 0:
-                self.engine.policy.import_state(tp.partition, tp.metadata)
                 self._next_offset[tp.partition] = tp.offset
                 self._rebuild(tp.partition, tp.offset)
-        return committed
+        restored = self.changelog.restore([tp.partition for tp in wanted], self.config.state_restore_timeout_s)
+        for p, states in restored.items():
+            self.engine.policy.restore(p, states)
+        n = sum(len(states) for states in restored.values())
+        self.metrics.policy_state_restored.inc(n)
+        return committed, n
 
     def _rebuild(self, partition: int, end: int) -> None:
         """Re-read backwards (``read_back``) until every key seen has the ``window - 1`` readings before ``end``

@@ -29,9 +29,11 @@ class TopicNames(BaseSettings):
     models: str = "fabwatch.models"
     logkeys: str = "fabwatch.logkeys"
     silences: str = "fabwatch.silences"  # compacted (``kafka/topics.py``)
+    policy_state: str = "fabwatch.policy-state"  # compacted, co-partitioned with sensors (``kafka/state.py``)
 
     def all(self) -> list[str]:
-        return [self.sensors, self.alerts, self.scores, self.dlq, self.models, self.logkeys, self.silences]
+        return [self.sensors, self.alerts, self.scores, self.dlq, self.models, self.logkeys, self.silences,
+                self.policy_state]
 
 
 class Settings(BaseSettings):

@@ -16,15 +16,21 @@ def ensure_topics(settings: Settings, names: Iterable[str] | None = None, partit
     its ``default.replication.factor``). Returns ``{topic: "created" | "exists"}``.
 
     The silence topic is a table, not a stream: compacted (the latest value per silence id, a null value
-    deletes it) and one partition, so its few messages keep one order whatever ``partitions`` says."""
+    deletes it) and one partition, so its few messages keep one order whatever ``partitions`` says. The policy
+    state topic is compacted too, with as many partitions as the sensor topic (co-partitioned: the state of
+    sensor partition p lives in its partition p), taken from the sensor topic when that exists already."""
     names = list(names) if names is not None else settings.topics.all()
     admin = AdminClient(settings.client_config())
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    existing = admin.list_topics(timeout=timeout).topics
     result = {n: "exists" for n in names if n in existing}
-    table = {settings.topics.silences}
-    todo = [NewTopic(n, num_partitions=1 if n in table else partitions or settings.partitions,
+    t = settings.topics
+    count = {t.silences: 1}
+    if t.sensors in existing:
+        count[t.policy_state] = len(existing[t.sensors].partitions)
+    compacted = {t.silences, t.policy_state}
+    todo = [NewTopic(n, num_partitions=count.get(n, partitions or settings.partitions),
                      replication_factor=settings.replication_factor,
-                     config={"cleanup.policy": "compact"} if n in table else {})
+                     config={"cleanup.policy": "compact"} if n in compacted else {})
             for n in names if n not in existing]
     if not todo:
         return result
