@@ -8,20 +8,20 @@ the scored windows and their timestamps (event time, never the wall clock), so a
 offline evaluator reach the same decisions and the same ``alert_id``s.
 
 Only keys away from the quiet state carry a ``KeyState``. The policy notes which keys changed what they
-carry (``take_changes``); the processor writes those to its compacted state topic (``fabwatch.stream.kafka.state``)
-and ``restore``s a partition's keys from it on assignment, so a restart resumes an open alert instead of
-opening a new one, however many keys are open.
+carry (``take_changes``); the processor writes those to its compacted state topic
+(``fabwatch.stream.kafka.state``) and ``restore``s a partition's keys from it on assignment, so a restart
+resumes an open alert instead of opening a new one, however many keys are open.
 
 Expiry: a key whose windows stop for longer than the key TTL (event time, to the minute) loses its
 state. An open alert expires without a ``closed`` alert (no window said it recovered): if the key comes
 back still high, a new alert opens with a new id. The rule is per key, so the processor and the offline
 evaluator decide alike; the processor also prunes states silent for the TTL against the newest window
-of their partition, so keys that never come back do not fill the state topic (``prune_expired``: each leaves a tombstone).
+of their partition, so keys that never come back do not stay on the state topic (``prune_expired``: each
+leaves a tombstone).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,8 +30,6 @@ import numpy as np
 from fabwatch.export.registry import Manifest
 from fabwatch.export.runtime import ModelOutput
 from fabwatch.stream.schemas import Alert, FeatureContribution, SourceOffset, alert_id_for
-
-log = logging.getLogger("fabwatch.policy")
 
 MINUTE_MS = 60_000      # resolution of a key's last-seen time: expiry does not need finer, and it stores small
 

@@ -1,5 +1,5 @@
-"""Alert policy: hysteresis, consecutive windows, cooldown, severity, kind, top features, ids, the state that
-travels with committed offsets and its expiry (no broker)."""
+"""Alert policy: hysteresis, consecutive windows, cooldown, severity, kind, top features, ids, the changed keys
+written to the state topic (their encoding) and their expiry (no broker)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import numpy as np
 
 from fabwatch.export.registry import Manifest, Scaler, Thresholds
 from fabwatch.export.runtime import ModelOutput
-from fabwatch.stream.policy import MINUTE_MS, STATE_FORMAT, AlertPolicy, KeyState, PolicyConfig, PolicyCounters, \
-    ScoredWindows
-from fabwatch.stream.processor import MAX_OFFSET_METADATA
+import pytest
+
+from fabwatch.stream.kafka.state import decode_state, encode_state
+from fabwatch.stream.policy import MINUTE_MS, AlertPolicy, KeyState, PolicyConfig, PolicyCounters, ScoredWindows
 from fabwatch.stream.schemas import alert_id_for
 
 F = 3
@@ -63,20 +64,33 @@ def test_severity_kind_and_top_features() -> None:
     assert _run(AlertPolicy(_manifest("regress")), [1.5])[0].kind == "delay"
 
 
+def _written(policy: AlertPolicy, topic: dict[str, bytes | None] | None = None) -> dict[str, bytes | None]:
+    """What the state topic holds after the policy's changes are written to it (last value per key wins)."""
+    topic = {} if topic is None else topic
+    for entity, _, st in policy.take_changes():
+        topic[entity] = None if st is None else encode_state(st)
+    return topic
+
+
+def _restored(topic: dict[str, bytes | None], partition: int = 0, ttl_s: float | None = None) -> AlertPolicy:
+    policy = AlertPolicy(_manifest(), ttl_s=ttl_s)
+    policy.restore(partition, {e: decode_state(v, partition) for e, v in topic.items() if v is not None})
+    return policy
+
+
 def test_state_round_trip_resumes_an_open_alert() -> None:
     scores = [0.1, 1.5, 1.4, 0.9, 0.2, 1.3]
     whole = _run(AlertPolicy(_manifest()), scores)
     first = AlertPolicy(_manifest())
     _run(first, scores[:3])
-    resumed = AlertPolicy(_manifest())
-    resumed.import_state(0, first.export_state(0))
+    resumed = _restored(_written(first))
     ms = np.tile([[0.0, 1.0]], (3, 1)).astype(np.float32)
     out = ModelOutput(np.asarray(scores[3:], np.float32), ms, np.full_like(ms, 0.5), None)
     batch = ScoredWindows(["e"] * 3, np.arange(3, 6) * 10, np.arange(3, 6) * 10 + 30, np.zeros((3, 4, F), np.float32),
                           np.zeros(3, np.int32), np.arange(3, 6), np.full(3, np.nan), "t")
     tail = resumed.evaluate(batch, out)
     assert [a.alert_id for a in whole if a.window_end_ts > 50] == [a.alert_id for a in tail]
-    assert AlertPolicy(_manifest()).export_state(0) == ""
+    assert AlertPolicy(_manifest()).take_changes() == []
 
 
 # ---- state across restarts and its expiry ---------------------------------------------------------------------
@@ -94,41 +108,28 @@ def _windows(policy: AlertPolicy, entities: list[str], end_ts: list[int], scores
     return policy.evaluate(batch, out)
 
 
-def test_packed_state_round_trips_every_kind_of_key() -> None:
+def test_encoded_state_round_trips_every_kind_of_key() -> None:
     t0 = 1_790_000_000_000
-    states = {
-        "tool-0001": KeyState(partition=3, open=True, last_min=t0 // MINUTE_MS),
-        "tool-0002": KeyState(partition=3, run=2, last_min=t0 // MINUTE_MS - 5),
-        "cooling": KeyState(partition=3, closed_at=t0 - 61_234, last_min=t0 // MINUTE_MS),
-        "reopened after a close": KeyState(partition=3, open=True, closed_at=t0 - 7, last_min=t0 // MINUTE_MS),
-        "early": KeyState(partition=3, closed_at=0, last_min=0),
-        "ünïcode/名前": KeyState(partition=3, run=70_000, last_min=t0 // MINUTE_MS - 300),
-        "x" * 300: KeyState(partition=3, open=True, last_min=t0 // MINUTE_MS - 1),
-    }
-    policy = AlertPolicy(_manifest())
-    policy.states.update(states)
-    policy.states["other partition"] = KeyState(partition=4, open=True)
-    _windows(policy, ["tool-0001"], [t0], [1.5], partition=3)  # the partition's clock
-    text = policy.export_state(3)
-    assert text.startswith(STATE_FORMAT)
-    resumed = AlertPolicy(_manifest())
-    resumed.import_state(3, text)
-    assert resumed.states == states
+    states = [KeyState(partition=3, open=True, last_min=t0 // MINUTE_MS),
+              KeyState(partition=3, run=2, last_min=t0 // MINUTE_MS - 5),
+              KeyState(partition=3, closed_at=t0 - 61_234, last_min=t0 // MINUTE_MS),
+              KeyState(partition=3, open=True, closed_at=t0 - 7, last_min=t0 // MINUTE_MS),
+              KeyState(partition=3, closed_at=0, last_min=0),
+              KeyState(partition=3, run=70_000, last_min=t0 // MINUTE_MS - 300)]
+    assert [decode_state(encode_state(st), 3) for st in states] == states
 
 
-def test_a_thousand_open_alerts_of_one_partition_survive_a_restart() -> None:
-    n, t0 = 1000, 1_790_000_000_000
+def test_three_thousand_open_alerts_of_one_partition_survive_a_restart() -> None:
+    n, t0 = 3000, 1_790_000_000_000
     entities = [f"fab{i % 3}/etch-{i // 12:03d}/ch-{i % 4}" for i in range(n)]
     uninterrupted = AlertPolicy(_manifest())
     before = AlertPolicy(_manifest())
     # the alerts opened over half an hour, so their last-seen minutes differ
-    first = [t0 + i * 1_800 for i in range(n)]
+    first = [t0 + i * 600 for i in range(n)]
     for policy in (uninterrupted, before):
         assert len(_windows(policy, entities, first, [1.5] * n)) == n
-    text = before.export_state(0, MAX_OFFSET_METADATA)
-    assert len(text) <= MAX_OFFSET_METADATA and before.counters.dropped[0] == 0
-    restarted = AlertPolicy(_manifest())
-    restarted.import_state(0, text)
+    restarted = _restored(_written(before))
+    assert len(restarted.states) == n
     # next windows: the even entities recover (closed), the odd ones stay high (no second open)
     then = [t + 60_000 for t in first]
     scores = [0.2 if i % 2 == 0 else 1.4 for i in range(n)]
@@ -136,26 +137,6 @@ def test_a_thousand_open_alerts_of_one_partition_survive_a_restart() -> None:
     got = _windows(restarted, entities, then, scores)
     assert [a.alert_id for a in got] == [a.alert_id for a in expected]
     assert len(got) == n // 2 and {a.state for a in got} == {"closed"}
-
-
-def test_over_the_limit_open_alerts_are_kept_first_and_the_rest_counted(caplog) -> None:
-    t0 = 1_790_000_000_000
-    policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=3))
-    runs = [f"run-{i:04d}" for i in range(300)]
-    opened = [f"open-{i:04d}" for i in range(100)]
-    _windows(policy, runs, [t0] * 300, [1.5] * 300)  # a run of 1: not open yet
-    for k in range(3):
-        _windows(policy, opened, [t0 + k * 100] * 100, [1.5] * 100)
-    with caplog.at_level("WARNING", logger="fabwatch.policy"):
-        text = policy.export_state(0, 300)
-        policy.export_state(0, 300)
-    assert len(text) <= 300
-    resumed = AlertPolicy(_manifest())
-    resumed.import_state(0, text)
-    kept = set(resumed.states)
-    assert 0 < len(kept) < 400 and policy.counters.dropped[0] == 400 - len(kept)
-    assert set(opened) <= kept or kept <= set(opened)  # open alerts go before any run
-    assert len(caplog.records) == 1  # a warning when dropping starts, not at every commit
 
 
 def test_a_key_silent_longer_than_the_ttl_loses_its_open_alert() -> None:
@@ -171,26 +152,38 @@ def test_a_key_silent_longer_than_the_ttl_loses_its_open_alert() -> None:
     assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 0
 
 
-def test_states_of_keys_that_went_silent_are_pruned_from_the_committed_state() -> None:
+def test_keys_that_went_silent_are_pruned_and_leave_a_tombstone() -> None:
     t0, ttl_s = 1_790_000_000_000, 3600.0
     policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=1, cooldown_ms=10_000), ttl_s=ttl_s)
     _windows(policy, ["gone", "cooling", "busy"], [t0, t0, t0], [1.5, 1.5, 1.5])
     _windows(policy, ["cooling", "busy"], [t0 + 1000, t0 + 1000], [0.1, 1.5])
-    assert policy.export_state(0) and set(policy.states) == {"gone", "cooling", "busy"}
+    topic = _written(policy)
+    assert all(topic[e] is not None for e in ("gone", "cooling", "busy"))
     for ts in (t0 + 1_800_000, t0 + 3_700_000):  # the partition's clock moves past the TTL
         _windows(policy, ["busy"], [ts], [1.5])
-    resumed = AlertPolicy(_manifest(), ttl_s=ttl_s)
-    resumed.import_state(0, policy.export_state(0))
-    assert set(resumed.states) == set(policy.states) == {"busy"}
+    assert policy.prune_expired() == 2 and set(policy.states) == {"busy"}
+    _written(policy, topic)
+    assert topic["gone"] is None and topic["cooling"] is None  # tombstones: not restored
+    assert set(_restored(topic, ttl_s=ttl_s).states) == {"busy"}
     assert policy.counters.expired_open == 1 and policy.counters.expired_pending == 1
 
 
-def test_unreadable_state_is_ignored_with_a_warning(caplog) -> None:
+def test_a_closed_alert_leaves_a_tombstone() -> None:
+    t0 = 1_790_000_000_000
     policy = AlertPolicy(_manifest())
-    with caplog.at_level("WARNING", logger="fabwatch.policy"):
-        policy.import_state(0, '{"e":[1,0,-1]}')  # the JSON of older versions
-        policy.import_state(0, STATE_FORMAT + "not base85 ~~~")
-    assert policy.states == {} and len(caplog.records) == 2
+    _windows(policy, ["a", "b"], [t0, t0], [1.5, 1.5])
+    topic = _written(policy)
+    _windows(policy, ["a"], [t0 + 1000], [0.1])  # a closes; no cooldown: quiet
+    _written(policy, topic)
+    assert topic["a"] is None and set(_restored(topic).states) == {"b"}
+
+
+@pytest.mark.parametrize("value", [b'{"e":[1,0,-1]}', b"not json", b'{"v":2,"open":true,"run":0,"closed_at":-1,'
+                                   b'"last_min":1}', b'{"v":1,"open":1,"run":0,"closed_at":-1,"last_min":1}',
+                                   b'{"v":1,"open":true,"run":0}'])
+def test_a_value_that_is_no_state_is_refused(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_state(value, 0)
 
 
 def test_the_processor_metrics_follow_the_policy_counters() -> None:
@@ -198,35 +191,31 @@ def test_the_processor_metrics_follow_the_policy_counters() -> None:
 
     from fabwatch.stream.metrics import ProcessorMetrics
 
-    metrics, counters = ProcessorMetrics(), PolicyCounters(expired_open=2, expired_pending=1, dropped={0: 0, 2: 7})
+    metrics, counters = ProcessorMetrics(), PolicyCounters(expired_open=2, expired_pending=1)
     metrics.observe_policy(counters)
-    counters.expired_open, counters.dropped = 3, {0: 4}  # one more expired; partition 2 revoked
+    counters.expired_open = 3  # one more expired
     metrics.observe_policy(counters)
     text = generate_latest(metrics.registry).decode()
     assert 'fabwatch_policy_expired_total{state="open"} 3.0' in text
     assert 'fabwatch_policy_expired_total{state="pending"} 1.0' in text
-    assert 'fabwatch_policy_state_dropped{partition="0"} 4.0' in text and 'partition="2"' not in text
 
 
-def test_the_exported_state_follows_every_change_of_its_keys(monkeypatch) -> None:
-    import fabwatch.stream.policy as policy_module
-
+def test_the_changes_follow_every_change_of_their_keys() -> None:
     t0 = 1_790_000_000_000
     policy = AlertPolicy(_manifest(), PolicyConfig(min_consecutive=2))
-    packs, pack = [], policy_module._pack
-    monkeypatch.setattr(policy_module, "_pack", lambda *args: packs.append(args) or pack(*args))
 
-    def exported() -> dict[str, KeyState]:
-        resumed = AlertPolicy(_manifest())
-        resumed.import_state(0, policy.export_state(0, MAX_OFFSET_METADATA))
-        return resumed.states
+    def changes() -> dict[str, KeyState | None]:
+        return {e: st for e, _, st in policy.take_changes()}
 
     _windows(policy, ["a", "b"], [t0, t0], [1.5, 1.5])                  # two runs of 1
-    assert {e: s.run for e, s in exported().items()} == {"a": 1, "b": 1}
+    assert {e: s.run for e, s in changes().items()} == {"a": 1, "b": 1}
     _windows(policy, ["a", "b"], [t0 + 1000, t0 + 1000], [1.5, 0.1])    # a opens, b goes quiet
-    assert {e: s.open for e, s in exported().items()} == {"a": True}
-    n = len(packs)
-    _windows(policy, ["a"], [t0 + 2000], [1.4])                         # still open, same minute: nothing to pack
-    assert {e: s.open for e, s in exported().items()} == {"a": True} and len(packs) == n
-    _windows(policy, ["a"], [t0 + 3000], [0.1])                         # closed
-    assert exported() == {}
+    got = changes()
+    assert got["a"].open and got["b"] is None and len(got) == 2
+    _windows(policy, ["a"], [t0 + 2000], [1.4])                         # still open, same minute: nothing to write
+    assert changes() == {}
+    _windows(policy, ["a"], [t0 + 2000 + MINUTE_MS], [1.4])             # a new minute: its last-seen time moves
+    assert list(changes()) == ["a"]
+    _windows(policy, ["a"], [t0 + 2000 + 2 * MINUTE_MS], [1.4])
+    policy.drop_partitions([0])                                         # revoked: its untaken changes go too
+    assert policy.take_changes() == []
