@@ -161,3 +161,25 @@ def test_cluster_ids_never_start_with_a_dash():
     ids = [cluster_id() for _ in range(2000)]
     assert not [i for i in ids if i.startswith("-")]
     assert len(set(ids)) == len(ids) and all(len(i) == 22 for i in ids)
+
+
+def test_the_policy_state_topic_is_compacted_and_co_partitioned_with_the_sensors(settings: Settings,
+                                                                                 unique_topic: str):
+    from fabwatch.export.errors import UsageError
+    from fabwatch.stream.kafka.state import ChangeLog
+
+    t = settings.topics
+    ensure_topics(settings, [t.sensors], partitions=4)
+    ensure_topics(settings, [t.policy_state], partitions=2)  # the sensor topic's count wins
+    admin = AdminClient(settings.client_config())
+    deadline = time.monotonic() + 30
+    while t.policy_state not in (topics := admin.list_topics(timeout=10).topics) and time.monotonic() < deadline:
+        time.sleep(0.2)  # a topic created a moment ago may not be in every broker's metadata yet
+    assert len(topics[t.policy_state].partitions) == 4
+    resource = ConfigResource(ResourceType.TOPIC, t.policy_state)
+    assert admin.describe_configs([resource])[resource].result(timeout=10)["cleanup.policy"].value == "compact"
+    ChangeLog(settings, "g").check_copartitioned(t.sensors)
+    ensure_topics(settings, [unique_topic], partitions=1)  # a state topic short of partitions is refused
+    short = settings.model_copy(update={"topics": t.model_copy(update={"policy_state": unique_topic})})
+    with pytest.raises(UsageError, match="add partitions"):
+        ChangeLog(short, "g").check_copartitioned(t.sensors)

@@ -1,80 +1,83 @@
-"""``python -m fabwatch.stream.bench.policy_state``: how many non-quiet keys of one partition fit in the
-committed offset's metadata (``MAX_OFFSET_METADATA`` characters), packed as ``AlertPolicy.export_state``
-does, against the JSON that fabwatch carried before. No broker, no model: the state is synthetic.
-
-Names: ``tool-0042`` (a numbered fleet), ``fab2/etch-017/ch-3`` (a hierarchy), UUIDs (no shared structure).
-States: ``open`` (open alerts seen within the last hour) and ``mixed`` (a third each of open alerts, runs
-and cooldowns that closed within the last 10 minutes).
+"""``python -m fabwatch.stream.bench.policy_state [--keys 10000 100000] [--json]``: what the alert policy's state
+topic costs at a partition's restore. For each count, that many non-quiet keys (a third each of open alerts, runs
+and cooldowns; names like ``fab2/etch-0017/ch-3``) are written to partition 0 of a fresh state topic, as the
+processor writes them, then ``ChangeLog.restore`` reads them back as an assignment does: its wall time
+(a new reader, to the end of the partition), and the bytes the keys and values take on the topic (before the
+broker's batching and compression). Needs a broker (``--bootstrap``, else ``$KAFKA_BOOTSTRAP_SERVERS``, else the
+local one); the topics are left behind, named ``fabwatch.policy-state.bench.<n>.<time>``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import platform
 import random
 import sys
-import uuid
-from typing import Callable
+import time
 
-from fabwatch.export.registry import Manifest, Thresholds
-from fabwatch.stream.policy import MINUTE_MS, AlertPolicy, KeyState
-from fabwatch.stream.processor import MAX_OFFSET_METADATA
+from confluent_kafka import Producer
+
+from fabwatch.stream.bench.kafka import machine_info
+from fabwatch.stream.kafka.config import Settings, TopicNames
+from fabwatch.stream.kafka.state import ChangeLog, encode_state, state_key
+from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.policy import MINUTE_MS, KeyState
+
 NOW_MS = 1_790_000_000_000
-FLEET = 20_000
-
-NAMES: dict[str, Callable[[int], str]] = {
-    "tool-0042": lambda i: f"tool-{i:05d}",
-    "fab/etch/ch": lambda i: f"fab{i % 3}/etch-{i // 12:04d}/ch-{i % 4}",
-    "uuid": lambda i: str(uuid.UUID(int=random.Random(i).getrandbits(128))),
-}
+GROUP = "fabwatch-processor"
 
 
-def _state(kind: str, i: int, rng: random.Random) -> KeyState:
+def _state(i: int, rng: random.Random) -> KeyState:
     last_ms = NOW_MS - rng.randrange(3_600_000)
-    role = "open" if kind == "open" else ("open", "run", "cooldown")[i % 3]
+    role = ("open", "run", "cooldown")[i % 3]
     return KeyState(partition=0, open=role == "open", run=1 if role == "run" else 0,
                     closed_at=last_ms - rng.randrange(600_000) if role == "cooldown" else -1,
                     last_min=last_ms // MINUTE_MS)
 
 
-def _policy(names: Callable[[int], str], kind: str, n: int) -> AlertPolicy:
+def measure(settings: Settings, n: int) -> dict:
+    topic = f"{TopicNames().policy_state}.bench.{n}.{time.time_ns()}"
+    settings = settings.model_copy(update={"topics": TopicNames(policy_state=topic)})
+    ensure_topics(settings, [topic], partitions=1)
     rng = random.Random(n)
-    policy = AlertPolicy(Manifest(version="v1", created="", task="classify", feature_names=["x"], window=2,
-                                  thresholds=Thresholds(alert=1.0, close=0.5)))
-    for i in sorted(rng.sample(range(FLEET), n)):
-        policy.states[names(i)] = _state(kind, i, rng)
-    policy._clock_min[0] = NOW_MS // MINUTE_MS
-    return policy
-
-
-def _json_chars(policy: AlertPolicy) -> int:
-    """The layout before: ``{"entity": [open, run, closed_at], ...}``."""
-    return len(json.dumps({e: [int(s.open), s.run, s.closed_at] for e, s in policy.states.items()},
-                          separators=(",", ":")))
-
-
-def _fits(chars: Callable[[AlertPolicy], int], names: Callable[[int], str], kind: str) -> int:
-    """The most keys whose state is at most MAX_OFFSET_METADATA characters (binary search)."""
-    lo, hi = 0, 5_000
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if chars(_policy(names, kind, mid)) <= MAX_OFFSET_METADATA:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    states = {f"fab{i % 3}/etch-{i // 12:04d}/ch-{i % 4}": _state(i, rng) for i in range(n)}
+    producer = Producer(settings.client_config(**{"linger.ms": 20, "acks": "all", "enable.idempotence": True}))
+    changelog = ChangeLog(settings, GROUP)
+    try:
+        changelog.produce(producer, [(e, 0, st) for e, st in states.items()], lambda err, msg: None)
+        if producer.flush(120):
+            raise RuntimeError(f"{n} state records not delivered to {topic} in 120 s")
+        t0 = time.perf_counter()
+        restored = changelog.restore([0], timeout_s=300)[0]
+        restore_s = time.perf_counter() - t0
+    finally:
+        changelog.close()
+    if restored != states:
+        raise RuntimeError(f"restored {len(restored)} of {n} keys, or not as written")
+    record_bytes = sum(len(state_key(GROUP, e)) + len(encode_state(st)) for e, st in states.items())
+    return {"keys": n, "restore_s": round(restore_s, 3), "keys_per_s": round(n / restore_s),
+            "record_bytes": record_bytes, "bytes_per_key": round(record_bytes / n, 1)}
 
 
 def main() -> None:
-    print(f"# {platform.node()} python {platform.python_version()}: {' '.join(sys.argv)}")
-    print(f"non-quiet keys of one partition that fit in {MAX_OFFSET_METADATA} characters of offset metadata")
-    print(f"{'names':<14}{'states':<8}{'json (before)':>15}{'packed (after)':>16}{'chars/key':>11}")
-    for label, names in NAMES.items():
-        for kind in ("open", "mixed"):
-            before = _fits(_json_chars, names, kind)
-            after = _fits(lambda p: len(p.export_state(0)), names, kind)
-            per_key = len(_policy(names, kind, after).export_state(0)) / max(after, 1)
-            print(f"{label:<14}{kind:<8}{before:>15}{after:>16}{per_key:>11.2f}")
+    parser = argparse.ArgumentParser(prog="python -m fabwatch.stream.bench.policy_state",
+                                     description="restore time and size of the alert policy's state topic")
+    parser.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000], help="non-quiet keys per run")
+    parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    settings = Settings(bootstrap=args.bootstrap) if args.bootstrap else Settings()
+    results = [measure(settings, n) for n in args.keys]
+    machine = {**machine_info(), "command": " ".join(["python -m fabwatch.stream.bench.policy_state",
+                                                      *sys.argv[1:]])}
+    if args.json:
+        print(json.dumps({"machine": machine, "results": results}, indent=2))
+        return
+    print(f"# {machine}")
+    print(f"{'keys':>9}{'restore s':>11}{'keys/s':>10}{'bytes':>12}{'bytes/key':>11}")
+    for r in results:
+        print(f"{r['keys']:>9}{r['restore_s']:>11.3f}{r['keys_per_s']:>10}{r['record_bytes']:>12}"
+              f"{r['bytes_per_key']:>11.1f}")
 
 
 if __name__ == "__main__":
