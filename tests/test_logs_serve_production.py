@@ -200,7 +200,6 @@ def test_sigkill_and_restart_alert_exactly_the_combined_verdicts(topics, counted
     print(f"\nlogs serve sigkill: {cut_mid_stream + 1} kills, {len(expected)} alerts expected, "
           f"{len(expected - set(got))} lost, {len(set(got) - expected)} unexpected, "
           f"{sum(n - 1 for n in got.values())} duplicated (same id)")
-    Path("/tmp/dbg_logstests.json").write_text(json.dumps({"alerts": [a.model_dump(mode="json") for a in alerts], "expected": sorted(expected), "sessions": sessions, "cut": cut, "log": output}))  # DEBUG
     assert set(got) == expected  # none lost, none made up by a session cut at a restart; duplicates keep ids
     assert {a.entity for a in alerts} == flagged
     invariant = {a.entity for a in alerts if a.detail["reason"] == "invariant"}
