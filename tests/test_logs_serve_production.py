@@ -332,10 +332,12 @@ def test_hot_reload_brings_in_the_new_versions_count_model(topics, tiny_model: P
                  what="blk_before closed under v0001")
 
         Registry(registry).promote("v0002")
-        wait_for(lambda: 'version="v0002"' in _get(port, "/metrics")[1], 60, what="the hot reload")
+        wait_for(lambda: 'version="v0002"' in metrics(), 60, what="the hot reload")
         produce(topics, topics.topics.logkeys, lost_step("blk_after", 10), key_field="session")
+        wait_for(lambda: 'fabwatch_log_sessions_closed_total{why="idle"} 2.0' in metrics(), 60,
+                 what="blk_after closed under v0002")
         raw = read_all(topics, topics.topics.alerts, expect=1, idle_s=3.0, timeout_s=60)
-        text = _get(port, "/metrics")[1]
+        text = metrics()
     finally:
         assert stop(proc) == 0, log.read_text()[-3000:]
     alerts = [Alert.model_validate_json(v) for v in raw]
@@ -343,4 +345,3 @@ def test_hot_reload_brings_in_the_new_versions_count_model(topics, tiny_model: P
         ("blk_after", "v0002", "invariant", "count(E5) == count(E26) broken: count(E5)=1, count(E26)=0",
          alert_id_for("blk_after", 13, "v0002", "invariant"))]
     assert 'fabwatch_log_alerts_total{reason="invariant",severity="warning"} 1.0' in text
-    assert 'fabwatch_log_sessions_closed_total{why="idle"} 2.0' in text
