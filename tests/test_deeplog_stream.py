@@ -264,6 +264,16 @@ def test_warmed_sessions_score_the_rest_as_an_uninterrupted_run() -> None:
     assert cold_ids != {a.alert_id for a in after}
 
 
+def test_time_spent_rebuilding_is_not_idle_time() -> None:
+    """An assignment rebuilds partition after partition while nothing is consumed: sessions rebuilt first must
+    not close as idle for the time the later partitions took."""
+    live = _sessions()
+    live.warm(_keys(("s1", "a", 1), ("s1", "b", 2)), [None] * 2, now=0.0)
+    live.restart_idle_clocks(now=10.0)
+    assert live.close_idle(5.0, now=12.0) == []
+    assert [a.entity for a in live.close_idle(5.0, now=16.0)] == ["s1"]
+
+
 def test_a_hot_swap_re_encodes_the_held_keys_into_the_new_vocabulary() -> None:
     from types import SimpleNamespace
 

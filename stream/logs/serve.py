@@ -45,16 +45,19 @@ exactly as in an uninterrupted run: each window holds the session's h previous k
 the same ids, and none is lost (a poll is committed only once its alerts are flushed).
 
 Idle closing stays wall-clock (``idle_timeout_s`` of processing time without a key: a live stream's sessions
-end when their keys stop, which no later message can tell). What a restart cannot know is which of the
+end when their keys stop, which no later message can tell); the time an assignment spends rebuilding does
+not count (every session's idle clock starts again once the rebuild is done). What a restart cannot know is which of the
 sessions seen before the committed offset an uninterrupted run had already closed by then, so every one of
 them is rebuilt open and its idle clock starts at the rebuild. The choice errs towards duplicates, never
 losses: a short session whose ``short_session`` alert was already out gets it again when it closes (same
 id), and a session that resumes after an idle close continues its windows, as ``logs evaluate`` (which
 knows no idle timeout) scores it. Sessions whose start lies before a capped re-read keep their last h keys
 (windows exact) and count only the keys re-read (at least h + 1, so the length rule is decided right); only
-``window_start_ts`` is then later than the session's true first key. The log names partitions whose re-read
-stopped at a limit with sessions still short of h + 1 keys (those could be scored as short or as starting
-afresh).
+``window_start_ts`` is then later than the session's true first key. With a count model, h + 1 keys are not
+enough: its check at close needs every key of the session counted, so the re-read goes on until each session
+that may still be open has its start read (or a limit). The log names partitions whose re-read stopped at a
+limit with sessions still short of h + 1 keys, or with a count model whose start was not read (those could be
+scored as short, as starting afresh, or, by the count model, on partial counts).
 
 Hot reload: a ``ModelWatcher`` (``fabwatch.stream.watcher``) follows the registry's ``current`` pointer, a
 ModelEvent only making it look at once; the new version is built beside the serving one and swapped in
@@ -257,6 +260,13 @@ class LogSessions:
             idle.append(name)
         return self.close(idle, "idle")
 
+    def restart_idle_clocks(self, now: float | None = None) -> None:
+        """Time the consume loop spent elsewhere (rebuilding sessions on an assignment, partition after
+        partition) is no silence of the sessions: none could receive a key meanwhile, so none is idle for it."""
+        now = time.monotonic() if now is None else now
+        for session in self.sessions.values():
+            session.seen = now
+
     def _make_room(self, incoming: int, batch: dict[str, None]) -> list[Alert]:
         """Close the least recently active sessions outside the batch early, so that the store never
         evicts behind our back (``max_sessions >= `` the batch's sessions leaves enough of them)."""
@@ -440,6 +450,7 @@ class LogServer(StopOnSignal):
             if tp.offset > 0:
                 self._next_offset[tp.partition] = tp.offset
                 self._rebuild(tp.partition, tp.offset)
+        self.sessions.restart_idle_clocks()
         rebuilt = len(self.sessions.sessions) - before
         self.metrics.sessions_rebuilt.inc(rebuilt)
         log.info("assigned partitions %s (%d open sessions rebuilt in %.2fs)",
@@ -449,6 +460,8 @@ class LogServer(StopOnSignal):
         """Re-read the partition before ``end`` until the sessions that may still be open are complete (see the
         module docstring), then replay the keys, oldest first, into open sessions."""
         cfg, need, idle_ms = self.config, self.sessions.h + 1, self.config.idle_timeout_s * 1000
+        # the count model checks a session's counts of every key when it closes: only its whole history will do
+        whole = self.sessions.count_model is not None
         chunks: list[tuple[list[LogKey], list[SourceOffset]]] = []  # newest first
         counts: dict[str, int] = {}
         earliest: dict[str, int] = {}  # broker ms of the session's oldest key read so far
@@ -472,9 +485,9 @@ class LogServer(StopOnSignal):
                 span["oldest"] = broker_ms if span["oldest"] < 0 else min(span["oldest"], broker_ms)
             chunks.append((keys, sources))
             # a session with no key in the last idle_timeout_s before end was closed by a caught-up run; one
-            # with h + 1 keys read has its windows and its length verdict; one whose oldest key read comes
-            # idle_timeout_s after everything older than the read has its start
-            return all(counts[s] >= need or span["oldest"] < earliest[s] - idle_ms
+            # with h + 1 keys read has its windows and its length verdict (without a count model); one whose
+            # oldest key read comes idle_timeout_s after everything older than the read has its start
+            return all((counts[s] >= need and not whole) or span["oldest"] < earliest[s] - idle_ms
                        for s in counts if latest[s] >= span["newest"] - idle_ms)
 
         history = read_back(self.rebuilder, self.topics.logkeys, partition, end, cfg.rebuild_chunk,
@@ -482,11 +495,13 @@ class LogServer(StopOnSignal):
         for keys, sources in reversed(chunks):
             for lo in range(0, len(keys), cfg.max_batch):  # a poll's worth at a time: the store's bound
                 self.sessions.warm(keys[lo:lo + cfg.max_batch], sources[lo:lo + cfg.max_batch])
-        short = sorted(s for s, c in counts.items() if c < need and latest[s] >= span["newest"] - idle_ms)
+        short = sorted(s for s, c in counts.items() if (c < need or whole) and latest[s] >= span["newest"] - idle_ms
+                       and not span["oldest"] < earliest[s] - idle_ms)
         if history.limit is not None and short:
             log.warning("partition %d: session rebuild stopped at %s, re-read offsets [%d, %d); %d sessions hold "
-                        "fewer than %d keys, their start may lie before: %s%s", partition, history.limit,
-                        history.start, end, len(short), need, ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
+                        "%s, their start may lie before: %s%s", partition, history.limit, history.start, end,
+                        len(short), "keys not all counted" if whole else f"fewer than {need} keys",
+                        ", ".join(short[:10]), ", ..." if len(short) > 10 else "")
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
