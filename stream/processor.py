@@ -7,6 +7,11 @@ Delivery
     consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
     the assignment rewound to the committed offsets; a call that fails retriably (the broker down or
     restarting) is made again within the transaction timeout, so a short outage only pauses the loop.
+    A producer that cannot finish (a call failing fatally, timing out to the end, or not returning at
+    all: librdkafka can wedge after a broker restart) is replaced by a new one with the same
+    ``transactional.id``, whose ``init_transactions`` fences the old one and aborts its transaction,
+    and the assignment is rewound the same way (``TransactionalProducer``, ``fabwatch.stream.kafka.transactions``;
+    ``fabwatch_producer_recreated_total``).
     Dead letters never hold a batch back: one that cannot be produced even without its payload is
     counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
@@ -47,7 +52,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import orjson
@@ -67,6 +72,7 @@ from fabwatch.stream.kafka.retry import retry_transient
 from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.silences import SilencedAlerts, SilenceFeed, SilenceGate
 from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.kafka.transactions import ProducerBroken, TransactionalProducer
 from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
 from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE, REORDERED, RebuildCoverage
 
@@ -151,14 +157,23 @@ class Processor(StopOnSignal):
                                   "client.id": f"fabwatch-{instance}"})
         producer_conf = {**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                          "client.id": f"fabwatch-{instance}"}
+        self.txn: TransactionalProducer | None = None  # exactly-once: owns the producer, which it may replace
         if config.exactly_once:
             producer_conf.update({"transactional.id": f"{config.group_id}-{instance}",
                                   "transaction.timeout.ms": config.transaction_timeout_ms})
-        self.producer = Producer(producer_conf)
+            self.txn = TransactionalProducer(producer_conf, config.transaction_timeout_ms / 1000, self._stop,
+                                             self._producer_replaced)
+        else:
+            self._producer = Producer(producer_conf)
         self.dead_letters = DeadLetters(self.producer, self.topics.dlq,
                                         lambda reason: self.metrics.dlq_lost.labels(reason=reason.value).inc())
         self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
                                    "isolation.level": "read_committed", "enable.partition.eof": True})
+
+    @property
+    def producer(self) -> Producer:
+        """The producer of the outputs; in exactly-once mode the transactional one of the moment."""
+        return self.txn.producer if self.txn is not None else self._producer
 
     # ---- lifecycle --------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -175,8 +190,8 @@ class Processor(StopOnSignal):
         if cfg.metrics_port is not None:
             self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
                                       self.liveness.failure)
-        if cfg.exactly_once:
-            self.producer.init_transactions(30)
+        if self.txn is not None:
+            self.txn.init()
         ModelWatcher(self.registry, self.engine.version, self._load, self.metrics, self.liveness, self._stop,
                      open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
                      interval_s=cfg.reload_interval_s, retry_min_s=cfg.reload_interval_s,
@@ -297,29 +312,31 @@ class Processor(StopOnSignal):
             log.warning("offset commit failed: %s", exc)
 
     def _deliver_transactional(self, msgs: list[Message], cols: DecodedColumns, result: EngineResult) -> None:
-        p = self.producer
+        txn = self.txn
+        assert txn is not None
         try:
-            p.begin_transaction()
+            txn.begin()
             self._produce_outputs(msgs, cols, result)
             offsets, group = self._offsets(), self.consumer.consumer_group_metadata()
-            self._in_transaction(lambda: p.send_offsets_to_transaction(offsets, group, 30), "sending offsets")
-            self._in_transaction(lambda: p.commit_transaction(30), "committing the transaction")
+            txn.call(lambda p, t: p.send_offsets_to_transaction(offsets, group, t), "sending offsets")
+            txn.call(lambda p, t: p.commit_transaction(t), "committing the transaction")
         except KafkaException as exc:
             err = exc.args[0]
             if not err.txn_requires_abort():
                 raise
             log.warning("transaction aborted (%s): rewinding to the committed offsets", err)
-            self._in_transaction(lambda: p.abort_transaction(30), "aborting the transaction")
+            try:
+                txn.abort()
+            except ProducerBroken:  # the new producer aborted it
+                pass
+            self._rewind()
+        except ProducerBroken:  # the new producer aborted the batch's transaction (logged where it was replaced)
             self._rewind()
 
-    def _in_transaction(self, call: Callable[[], None], what: str) -> None:
-        """A transactional call, made again while the broker is down or restarting, until the transaction
-        timeout: past it the coordinator aborts the transaction anyway, and a producer whose calls still time
-        out may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
-        propagates and the processor exits for its restart to redo the batch. Abortable errors go to the
-        abort, fatal ones out; a stop request ends the retries."""
-        retry_transient(call, what, within_s=self.config.transaction_timeout_ms / 1000, first_wait_s=0.5,
-                        max_wait_s=0.5, stop=self._stop)
+    def _producer_replaced(self, producer: Producer) -> None:
+        """The transactional producer was replaced (``TransactionalProducer``): outputs go to the new one."""
+        self.metrics.producer_recreated.inc()
+        self.dead_letters.producer = producer
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget in-memory state and resume from the committed offsets.
