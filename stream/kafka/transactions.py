@@ -84,13 +84,13 @@ class TransactionalProducer:
             if not in_thread:  # a call that only changes local state: it cannot block
                 return fn(self.producer, self.timeout_s)
             return self._run(fn, what, self.producer)
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() in FENCED or (pass_abortable and err.txn_requires_abort()):
-                raise
-            self._replace(f"{what} failed: {err}", None)
-        except TransactionStuck as exc:
-            self._replace(str(exc), exc.worker)
+        except (KafkaException, TransactionStuck) as exc:
+            err = exc.args[0] if isinstance(exc, KafkaException) else None
+            if self._stop.is_set() or (err is not None and (err.code() in FENCED
+                                                            or (pass_abortable and err.txn_requires_abort()))):
+                raise  # a stop request ends the retries: the batch is left for the restart, as after a crash
+            self._replace(f"{what} failed: {err}" if err is not None else str(exc),
+                          exc.worker if isinstance(exc, TransactionStuck) else None)
         raise AssertionError("unreachable")  # _replace raises
 
     def _run(self, fn: Callable[[Producer, float], T], what: str, producer: Producer) -> T:
