@@ -11,7 +11,9 @@ Delivery
     all: librdkafka can wedge after a broker restart) is replaced by a new one with the same
     ``transactional.id``, whose ``init_transactions`` fences the old one and aborts its transaction,
     and the assignment is rewound the same way (``TransactionalProducer``, ``fabwatch.stream.kafka.transactions``;
-    ``fabwatch_producer_recreated_total``).
+    ``fabwatch_producer_recreated_total``). A consumer that then cannot read the committed offsets (its group
+    coordinator lost for good, the same restart) is replaced too (``_replace_consumer``,
+    ``fabwatch_consumer_recreated_total``).
     Dead letters never hold a batch back: one that cannot be produced even without its payload is
     counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
@@ -151,10 +153,11 @@ class Processor(StopOnSignal):
         # cooperative-sticky: a rebalance moves only the partitions that change owner, the rest keep their
         # windows; static membership only for an explicit id (two live members sharing one fence each other)
         membership = {} if config.instance_id is None else {"group.instance.id": config.instance_id}
-        self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
-                                  "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-                                  "partition.assignment.strategy": "cooperative-sticky", **membership,
-                                  "client.id": f"fabwatch-{instance}"})
+        self._consumer_conf = {**base, "group.id": config.group_id, "enable.auto.commit": False,
+                               "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+                               "partition.assignment.strategy": "cooperative-sticky", **membership,
+                               "client.id": f"fabwatch-{instance}"}
+        self.consumer = Consumer(self._consumer_conf)
         producer_conf = {**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                          "client.id": f"fabwatch-{instance}"}
         self.txn: TransactionalProducer | None = None  # exactly-once: owns the producer, which it may replace
@@ -196,8 +199,7 @@ class Processor(StopOnSignal):
                      open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
                      interval_s=cfg.reload_interval_s, retry_min_s=cfg.reload_interval_s,
                      retry_max_s=cfg.reload_retry_max_s).start()
-        self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self._subscribe()
         log.info("serving %s (%s) on %s, group %s, %s", self.engine.version, self.engine.model.provider,
                  self.topics.sensors, cfg.group_id, "exactly-once" if cfg.exactly_once else "at-least-once")
         try:
@@ -219,6 +221,10 @@ class Processor(StopOnSignal):
             self._commit(sync=True)
         self._close()
         log.info("stopped cleanly")
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
 
     def _close(self) -> None:
         self._stop.set()
@@ -348,9 +354,27 @@ class Processor(StopOnSignal):
         self.silences.drop_partitions(parts)
         for p in parts:
             self._next_offset.pop(p, None)
-        committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        try:
+            committed = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        except KafkaException as exc:
+            self._replace_consumer(f"reading the committed offsets failed: {exc.args[0]}")
+            return
         for tp in committed:
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+    def _replace_consumer(self, reason: str) -> None:
+        """Exactly-once, after an aborted transaction: a consumer that cannot read the committed offsets has lost its
+        group coordinator for good (librdkafka 2.16 can keep a coordinator that went away cached after a broker
+        restart, confluentinc/librdkafka#5511), so it can neither rewind nor rejoin its group. A new consumer joins
+        in its place and gets the partitions, rebuilt from the committed offsets, through ``_on_assign``; the old
+        one is closed off the loop (its close may wait on that coordinator), its rebalance callbacks ignored."""
+        log.error("consumer replaced: %s; a new one rejoins the group and resumes from the committed offsets", reason)
+        self.metrics.consumer_recreated.inc()
+        old = self.consumer
+        self._forget(sorted(self._assigned))
+        self.consumer = Consumer(self._consumer_conf)
+        self._subscribe()
+        threading.Thread(target=old.close, name="retire consumer", daemon=True).start()
 
     def _observe(self, result: EngineResult) -> None:
         m = self.metrics
@@ -389,6 +413,8 @@ class Processor(StopOnSignal):
     # Cooperative: each callback gets only the partitions that move (the client then incrementally
     # assigns / unassigns them); the ones kept keep their windows and alert state untouched.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:  # a replaced consumer (``_replace_consumer``)
+            return
         self._assigned_once = True
         if not partitions:  # a cooperative round that moved nothing to this member
             return
@@ -401,7 +427,7 @@ class Processor(StopOnSignal):
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
-        if not revoked:
+        if not revoked or consumer is not self.consumer:
             return
         if not self.config.exactly_once and not self._failed:  # batches are flushed; commit synchronously
             self._commit(sync=True, partitions=revoked)
@@ -409,6 +435,8 @@ class Processor(StopOnSignal):
         log.info("revoked partitions %s, keeping %s", sorted(revoked), sorted(self._assigned))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            return
         lost = [tp.partition for tp in partitions]
         self._forget(lost)
         log.warning("lost partitions %s: state dropped, the new owner rebuilds it", sorted(lost))

@@ -84,7 +84,7 @@ def test_a_wedged_transactional_producer_is_replaced_and_the_batch_redone_once(t
         assert len(msgs) == len(data)
         proc._handle(msgs)  # wedged, given up, replaced, rewound
         assert proc.producer is not first and proc.dead_letters.producer is proc.producer
-        assert proc.metrics.producer_recreated._value.get() == 1
+        assert proc.metrics.registry.get_sample_value("fabwatch_producer_recreated_total") == 1
         again = consume_n(proc, len(data))
         assert sorted((m.partition(), m.offset()) for m in again) == sorted((m.partition(), m.offset()) for m in msgs)
         proc._handle(again)
