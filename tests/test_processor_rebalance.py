@@ -10,8 +10,9 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+import fabwatch.stream.processor as processor_module
 import fabwatch.stream.kafka.transactions as transactions_module
 from fabwatch.stream.processor import Processor, ProcessorConfig
 from onnx_fixtures import make_registry, readings
@@ -67,6 +68,7 @@ def test_a_wedged_transactional_producer_is_replaced_and_the_batch_redone_once(t
     producer up, a new one with the same transactional.id fences it (its open transaction, holding the batch's
     alerts, is aborted), the assignment is rewound, and the redone batch commits every alert exactly once."""
     monkeypatch.setattr(transactions_module, "Producer", WedgeFirstSendOffsets)
+    WedgeFirstSendOffsets.created, WedgeFirstSendOffsets.release = [], threading.Event()
     registry = tmp_path / "registry"
     make_registry(registry, window=10)
     data = readings(ENTITIES, 40, seed=23, spikes={e: [25] for e in ENTITIES})
@@ -96,6 +98,59 @@ def test_a_wedged_transactional_producer_is_replaced_and_the_batch_redone_once(t
     ids = [json.loads(v)["alert_id"] for v in read_all(topics, topics.topics.alerts)]
     assert sorted(ids) == sorted(expected)  # read_committed: the wedged transaction's copies were aborted
     assert len(read_all(topics, topics.topics.alerts, committed_only=False)) == 2 * len(expected)
+
+
+class CoordinatorLostOnRewind(Consumer):
+    """A consumer whose committed-offsets read fails once the first one's rewind begins (``lost`` set), as when
+    librdkafka keeps a group coordinator that went away (confluentinc/librdkafka#5511)."""
+
+    created: list[Consumer] = []
+    lost = threading.Event()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        type(self).created.append(self)
+
+    def committed(self, *args: object, **kwargs: object) -> list:
+        if self is type(self).created[0] and type(self).lost.is_set():
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected: no group coordinator"))
+        return super().committed(*args, **kwargs)
+
+
+def test_a_consumer_that_cannot_rewind_is_replaced_and_the_batch_redone_once(topics, tmp_path, monkeypatch) -> None:
+    """The transaction is given up (wedged producer) and the consumer cannot read the committed offsets for the
+    rewind: a new consumer joins the group in its place, gets the partitions, and the batch is redone once."""
+    monkeypatch.setattr(transactions_module, "Producer", WedgeFirstSendOffsets)
+    monkeypatch.setattr(processor_module, "Consumer", CoordinatorLostOnRewind)
+    CoordinatorLostOnRewind.created, CoordinatorLostOnRewind.lost = [], threading.Event()
+    WedgeFirstSendOffsets.created, WedgeFirstSendOffsets.release = [], threading.Event()
+    registry = tmp_path / "registry"
+    make_registry(registry, window=10)
+    data = readings(ENTITIES, 40, seed=24, spikes={e: [25] for e in ENTITIES})
+    expected = reference_ids(registry, data)
+    produce(topics, topics.topics.sensors, data)
+    group = f"coordlost-{uuid.uuid4().hex[:8]}"
+    proc = Processor(topics, ProcessorConfig(registry=registry, group_id=group, exactly_once=True,
+                                             transaction_timeout_ms=3000))
+    first = proc.consumer
+    try:
+        proc.txn.init()
+        proc._subscribe()
+        msgs = consume_n(proc, len(data))
+        assert len(msgs) == len(data)
+        CoordinatorLostOnRewind.lost.set()
+        proc._handle(msgs)  # producer replaced, rewind fails, consumer replaced
+        assert proc.consumer is not first
+        assert proc.metrics.registry.get_sample_value("fabwatch_consumer_recreated_total") == 1
+        again = consume_n(proc, len(data))  # the new consumer's assignment starts from the committed offsets
+        assert sorted((m.partition(), m.offset()) for m in again) == sorted((m.partition(), m.offset()) for m in msgs)
+        proc._handle(again)
+        got = committed_offsets(topics, group, topics.topics.sensors, PARTITIONS)
+    finally:
+        WedgeFirstSendOffsets.release.set()
+        proc._close()
+    assert got == {p: sum(1 for m in msgs if m.partition() == p) for p in range(PARTITIONS)}
+    assert sorted(json.loads(v)["alert_id"] for v in read_all(topics, topics.topics.alerts)) == sorted(expected)
 
 
 def test_an_aborted_transaction_never_lets_a_later_one_commit_past_unprocessed_messages(topics, registry,
