@@ -61,6 +61,12 @@ class ProcessorMetrics(ServingMetrics):
         self.dlq = Counter("fabwatch_dlq", "messages dead-lettered", ["reason"], registry=r)
         self.dlq_lost = Counter("fabwatch_dlq_lost", "dead letters not produced even without their payload: "
                                 "the message is skipped, only the log names it", ["reason"], registry=r)
+        self.producer_recreated = Counter("fabwatch_producer_recreated", "exactly-once: transactional producers "
+                                          "replaced (a call failed for good or never returned); each batch in "
+                                          "hand was redone from the committed offsets", registry=r)
+        self.consumer_recreated = Counter("fabwatch_consumer_recreated", "exactly-once: consumers replaced after "
+                                          "an aborted transaction (the committed offsets could not be read)",
+                                          registry=r)
         self.reordered = Counter("fabwatch_reordered", "readings out of order within --grace-ms, put in order in "
                                  "their window", registry=r)
         self.duplicates = Counter("fabwatch_duplicates", "identical re-sends dropped (same entity, timestamp and values)", registry=r)

@@ -7,6 +7,13 @@ Delivery
     consumer's group metadata, so a fenced zombie cannot commit); a failed transaction is aborted and
     the assignment rewound to the committed offsets; a call that fails retriably (the broker down or
     restarting) is made again within the transaction timeout, so a short outage only pauses the loop.
+    A producer that cannot finish (a call failing fatally, timing out to the end, or not returning at
+    all: librdkafka can wedge after a broker restart) is replaced by a new one with the same
+    ``transactional.id``, whose ``init_transactions`` fences the old one and aborts its transaction,
+    and the assignment is rewound the same way (``TransactionalProducer``, ``fabwatch.stream.kafka.transactions``;
+    ``fabwatch_producer_recreated_total``). A consumer that then cannot read the committed offsets (its group
+    coordinator lost for good, the same restart) is replaced too (``_replace_consumer``,
+    ``fabwatch_consumer_recreated_total``).
     Dead letters never hold a batch back: one that cannot be produced even without its payload is
     counted (``fabwatch_dlq_lost``) and logged, and its offset is committed with the rest.
 
@@ -56,7 +63,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import orjson
@@ -77,6 +84,7 @@ from fabwatch.stream.kafka.state import ChangeLog
 from fabwatch.stream.schemas import RejectReason
 from fabwatch.stream.silences import SilencedAlerts, SilenceFeed, SilenceGate
 from fabwatch.stream.kafka.topics import ensure_topics
+from fabwatch.stream.kafka.transactions import ProducerBroken, TransactionalProducer
 from fabwatch.stream.watcher import ModelEventFeed, ModelWatcher
 from fabwatch.stream.windows import CONFLICT, DEFAULT_GRACE_MS, DUPLICATE, LATE, REORDERED, RebuildCoverage
 
@@ -155,21 +163,31 @@ class Processor(StopOnSignal):
         # cooperative-sticky: a rebalance moves only the partitions that change owner, the rest keep their
         # windows; static membership only for an explicit id (two live members sharing one fence each other)
         membership = {} if config.instance_id is None else {"group.instance.id": config.instance_id}
-        self.consumer = Consumer({**base, "group.id": config.group_id, "enable.auto.commit": False,
-                                  "auto.offset.reset": "earliest", "isolation.level": "read_committed",
-                                  "partition.assignment.strategy": "cooperative-sticky", **membership,
-                                  "client.id": f"fabwatch-{instance}"})
+        self._consumer_conf = {**base, "group.id": config.group_id, "enable.auto.commit": False,
+                               "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+                               "partition.assignment.strategy": "cooperative-sticky", **membership,
+                               "client.id": f"fabwatch-{instance}"}
+        self.consumer = Consumer(self._consumer_conf)
         producer_conf = {**base, "linger.ms": 2, "acks": "all", "enable.idempotence": True,
                          "client.id": f"fabwatch-{instance}"}
+        self.txn: TransactionalProducer | None = None  # exactly-once: owns the producer, which it may replace
         if config.exactly_once:
             producer_conf.update({"transactional.id": f"{config.group_id}-{instance}",
                                   "transaction.timeout.ms": config.transaction_timeout_ms})
-        self.producer = Producer(producer_conf)
+            self.txn = TransactionalProducer(producer_conf, config.transaction_timeout_ms / 1000, self._stop,
+                                             self._producer_replaced)
+        else:
+            self._producer = Producer(producer_conf)
         self.dead_letters = DeadLetters(self.producer, self.topics.dlq,
                                         lambda reason: self.metrics.dlq_lost.labels(reason=reason.value).inc())
         self.rebuilder = Consumer({**base, "group.id": f"{config.group_id}-rebuild", "enable.auto.commit": False,
                                    "isolation.level": "read_committed", "enable.partition.eof": True})
         self.changelog = ChangeLog(settings, config.group_id)
+
+    @property
+    def producer(self) -> Producer:
+        """The producer of the outputs; in exactly-once mode the transactional one of the moment."""
+        return self.txn.producer if self.txn is not None else self._producer
 
     # ---- lifecycle --------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -187,14 +205,13 @@ class Processor(StopOnSignal):
         if cfg.metrics_port is not None:
             self.http = MetricsServer(self.metrics, self.ready, cfg.metrics_port, cfg.metrics_host,
                                       self.liveness.failure)
-        if cfg.exactly_once:
-            self.producer.init_transactions(30)
+        if self.txn is not None:
+            self.txn.init()
         ModelWatcher(self.registry, self.engine.version, self._load, self.metrics, self.liveness, self._stop,
                      open_events=lambda: ModelEventFeed(self.settings, cfg.group_id),
                      interval_s=cfg.reload_interval_s, retry_min_s=cfg.reload_interval_s,
                      retry_max_s=cfg.reload_retry_max_s).start()
-        self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self._subscribe()
         log.info("serving %s (%s) on %s, group %s, %s", self.engine.version, self.engine.model.provider,
                  self.topics.sensors, cfg.group_id, "exactly-once" if cfg.exactly_once else "at-least-once")
         try:
@@ -216,6 +233,10 @@ class Processor(StopOnSignal):
             self._commit(sync=True)
         self._close()
         log.info("stopped cleanly")
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.topics.sensors], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
 
     def _close(self) -> None:
         self._stop.set()
@@ -314,30 +335,32 @@ class Processor(StopOnSignal):
             log.warning("offset commit failed: %s", exc)
 
     def _deliver_transactional(self, msgs: list[Message], cols: DecodedColumns, result: EngineResult) -> None:
-        p = self.producer
+        txn = self.txn
+        assert txn is not None
         try:
-            p.begin_transaction()
+            txn.begin()
             self._produce_outputs(msgs, cols, result)
             self._produce_state()
             offsets, group = self._offsets(), self.consumer.consumer_group_metadata()
-            self._in_transaction(lambda: p.send_offsets_to_transaction(offsets, group, 30), "sending offsets")
-            self._in_transaction(lambda: p.commit_transaction(30), "committing the transaction")
+            txn.call(lambda p, t: p.send_offsets_to_transaction(offsets, group, t), "sending offsets")
+            txn.call(lambda p, t: p.commit_transaction(t), "committing the transaction")
         except KafkaException as exc:
             err = exc.args[0]
             if not err.txn_requires_abort():
                 raise
             log.warning("transaction aborted (%s): rewinding to the committed offsets", err)
-            self._in_transaction(lambda: p.abort_transaction(30), "aborting the transaction")
+            try:
+                txn.abort()
+            except ProducerBroken:  # the new producer aborted it
+                pass
+            self._rewind()
+        except ProducerBroken:  # the new producer aborted the batch's transaction (logged where it was replaced)
             self._rewind()
 
-    def _in_transaction(self, call: Callable[[], None], what: str) -> None:
-        """A transactional call, made again while the broker is down or restarting, until the transaction
-        timeout: past it the coordinator aborts the transaction anyway, and a producer whose calls still time
-        out may be wedged (librdkafka does not always reconnect to a restarted coordinator), so the error then
-        propagates and the processor exits for its restart to redo the batch. Abortable errors go to the
-        abort, fatal ones out; a stop request ends the retries."""
-        retry_transient(call, what, within_s=self.config.transaction_timeout_ms / 1000, first_wait_s=0.5,
-                        max_wait_s=0.5, stop=self._stop)
+    def _producer_replaced(self, producer: Producer) -> None:
+        """The transactional producer was replaced (``TransactionalProducer``): outputs go to the new one."""
+        self.metrics.producer_recreated.inc()
+        self.dead_letters.producer = producer
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget in-memory state and resume from the committed offsets.
@@ -349,9 +372,27 @@ class Processor(StopOnSignal):
         self.silences.drop_partitions(parts)
         for p in parts:
             self._next_offset.pop(p, None)
-        committed, _ = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        try:
+            committed, _ = self._restore([TopicPartition(self.topics.sensors, q) for q in parts])
+        except KafkaException as exc:
+            self._replace_consumer(f"reading the committed offsets failed: {exc.args[0]}")
+            return
         for tp in committed:
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING))
+
+    def _replace_consumer(self, reason: str) -> None:
+        """Exactly-once, after an aborted transaction: a consumer that cannot read the committed offsets has lost its
+        group coordinator for good (librdkafka 2.16 can keep a coordinator that went away cached after a broker
+        restart, confluentinc/librdkafka#5511), so it can neither rewind nor rejoin its group. A new consumer joins
+        in its place and gets the partitions, rebuilt from the committed offsets, through ``_on_assign``; the old
+        one is closed off the loop (its close may wait on that coordinator), its rebalance callbacks ignored."""
+        log.error("consumer replaced: %s; a new one rejoins the group and resumes from the committed offsets", reason)
+        self.metrics.consumer_recreated.inc()
+        old = self.consumer
+        self._forget(sorted(self._assigned))
+        self.consumer = Consumer(self._consumer_conf)
+        self._subscribe()
+        threading.Thread(target=old.close, name="retire consumer", daemon=True).start()
 
     def _observe(self, result: EngineResult) -> None:
         m = self.metrics
@@ -391,6 +432,8 @@ class Processor(StopOnSignal):
     # Cooperative: each callback gets only the partitions that move (the client then incrementally
     # assigns / unassigns them); the ones kept keep their windows and alert state untouched.
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:  # a replaced consumer (``_replace_consumer``)
+            return
         self._assigned_once = True
         if not partitions:  # a cooperative round that moved nothing to this member
             return
@@ -404,7 +447,7 @@ class Processor(StopOnSignal):
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = [tp.partition for tp in partitions]
-        if not revoked:
+        if not revoked or consumer is not self.consumer:
             return
         if not self.config.exactly_once and not self._failed:  # batches are flushed; commit synchronously
             self._commit(sync=True, partitions=revoked)
@@ -412,6 +455,8 @@ class Processor(StopOnSignal):
         log.info("revoked partitions %s, keeping %s", sorted(revoked), sorted(self._assigned))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            return
         lost = [tp.partition for tp in partitions]
         self._forget(lost)
         log.warning("lost partitions %s: state dropped, the new owner rebuilds it", sorted(lost))

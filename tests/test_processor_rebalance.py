@@ -10,9 +10,10 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 import fabwatch.stream.processor as processor_module
+import fabwatch.stream.kafka.transactions as transactions_module
 from fabwatch.stream.processor import Processor, ProcessorConfig
 from onnx_fixtures import make_registry, readings
 from stream_helpers import (PARTITIONS, committed_offsets, log_has, produce, read_all, start_serve, stop,
@@ -34,26 +35,137 @@ class AbortFirstCommit(Producer):
         super().commit_transaction(*args)
 
 
+def consume_n(proc: Processor, n: int, timeout_s: float = 60.0) -> list:
+    """Up to ``n`` messages from the processor's consumer (its assignment callbacks run meanwhile)."""
+    msgs: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(msgs) < n and time.monotonic() < deadline:
+        msgs += [m for m in proc.consumer.consume(1000, 1.0) if m.error() is None]
+    return msgs
+
+
+class WedgeFirstSendOffsets(Producer):
+    """A transactional producer whose first ``send_offsets_to_transaction`` never returns (until ``release``),
+    as librdkafka's can after a broker restart (confluentinc/librdkafka#5456)."""
+
+    created: list[Producer] = []
+    release = threading.Event()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        type(self).created.append(self)
+
+    def send_offsets_to_transaction(self, *args: object) -> None:
+        if self is type(self).created[0]:
+            type(self).release.wait(300)
+            return
+        super().send_offsets_to_transaction(*args)
+
+
+def test_a_wedged_transactional_producer_is_replaced_and_the_batch_redone_once(topics, tmp_path,
+                                                                              monkeypatch) -> None:
+    """The first transaction's send_offsets never returns: past the transaction timeout the processor gives the
+    producer up, a new one with the same transactional.id fences it (its open transaction, holding the batch's
+    alerts, is aborted), the assignment is rewound, and the redone batch commits every alert exactly once."""
+    monkeypatch.setattr(transactions_module, "Producer", WedgeFirstSendOffsets)
+    WedgeFirstSendOffsets.created, WedgeFirstSendOffsets.release = [], threading.Event()
+    registry = tmp_path / "registry"
+    make_registry(registry, window=10)
+    data = readings(ENTITIES, 40, seed=23, spikes={e: [25] for e in ENTITIES})
+    expected = reference_ids(registry, data)
+    assert expected
+    produce(topics, topics.topics.sensors, data)
+    group = f"wedge-{uuid.uuid4().hex[:8]}"
+    proc = Processor(topics, ProcessorConfig(registry=registry, group_id=group, exactly_once=True,
+                                             transaction_timeout_ms=3000))
+    try:
+        proc.txn.init()
+        first = proc.producer
+        proc.consumer.subscribe([topics.topics.sensors], on_assign=proc._on_assign, on_revoke=proc._on_revoke)
+        msgs = consume_n(proc, len(data))
+        assert len(msgs) == len(data)
+        proc._handle(msgs)  # wedged, given up, replaced, rewound
+        assert proc.producer is not first and proc.dead_letters.producer is proc.producer
+        assert proc.metrics.registry.get_sample_value("fabwatch_producer_recreated_total") == 1
+        again = consume_n(proc, len(data))
+        assert sorted((m.partition(), m.offset()) for m in again) == sorted((m.partition(), m.offset()) for m in msgs)
+        proc._handle(again)
+        got = committed_offsets(topics, group, topics.topics.sensors, PARTITIONS)
+    finally:
+        WedgeFirstSendOffsets.release.set()
+        proc._close()
+    assert got == {p: sum(1 for m in msgs if m.partition() == p) for p in range(PARTITIONS)}
+    ids = [json.loads(v)["alert_id"] for v in read_all(topics, topics.topics.alerts)]
+    assert sorted(ids) == sorted(expected)  # read_committed: the wedged transaction's copies were aborted
+    assert len(read_all(topics, topics.topics.alerts, committed_only=False)) == 2 * len(expected)
+
+
+class CoordinatorLostOnRewind(Consumer):
+    """A consumer whose committed-offsets read fails once the first one's rewind begins (``lost`` set), as when
+    librdkafka keeps a group coordinator that went away (confluentinc/librdkafka#5511)."""
+
+    created: list[Consumer] = []
+    lost = threading.Event()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        type(self).created.append(self)
+
+    def committed(self, *args: object, **kwargs: object) -> list:
+        if self is type(self).created[0] and type(self).lost.is_set():
+            raise KafkaException(KafkaError(KafkaError._STATE, "injected: no group coordinator"))
+        return super().committed(*args, **kwargs)
+
+
+def test_a_consumer_that_cannot_rewind_is_replaced_and_the_batch_redone_once(topics, tmp_path, monkeypatch) -> None:
+    """The transaction is given up (wedged producer) and the consumer cannot read the committed offsets for the
+    rewind: a new consumer joins the group in its place, gets the partitions, and the batch is redone once."""
+    monkeypatch.setattr(transactions_module, "Producer", WedgeFirstSendOffsets)
+    monkeypatch.setattr(processor_module, "Consumer", CoordinatorLostOnRewind)
+    CoordinatorLostOnRewind.created, CoordinatorLostOnRewind.lost = [], threading.Event()
+    WedgeFirstSendOffsets.created, WedgeFirstSendOffsets.release = [], threading.Event()
+    registry = tmp_path / "registry"
+    make_registry(registry, window=10)
+    data = readings(ENTITIES, 40, seed=24, spikes={e: [25] for e in ENTITIES})
+    expected = reference_ids(registry, data)
+    produce(topics, topics.topics.sensors, data)
+    group = f"coordlost-{uuid.uuid4().hex[:8]}"
+    proc = Processor(topics, ProcessorConfig(registry=registry, group_id=group, exactly_once=True,
+                                             transaction_timeout_ms=3000))
+    first = proc.consumer
+    try:
+        proc.txn.init()
+        proc._subscribe()
+        msgs = consume_n(proc, len(data))
+        assert len(msgs) == len(data)
+        CoordinatorLostOnRewind.lost.set()
+        proc._handle(msgs)  # producer replaced, rewind fails, consumer replaced
+        assert proc.consumer is not first
+        assert proc.metrics.registry.get_sample_value("fabwatch_consumer_recreated_total") == 1
+        again = consume_n(proc, len(data))  # the new consumer's assignment starts from the committed offsets
+        assert sorted((m.partition(), m.offset()) for m in again) == sorted((m.partition(), m.offset()) for m in msgs)
+        proc._handle(again)
+        got = committed_offsets(topics, group, topics.topics.sensors, PARTITIONS)
+    finally:
+        WedgeFirstSendOffsets.release.set()
+        proc._close()
+    assert got == {p: sum(1 for m in msgs if m.partition() == p) for p in range(PARTITIONS)}
+    assert sorted(json.loads(v)["alert_id"] for v in read_all(topics, topics.topics.alerts)) == sorted(expected)
+
+
 def test_an_aborted_transaction_never_lets_a_later_one_commit_past_unprocessed_messages(topics, registry,
                                                                                          monkeypatch) -> None:
     """No partition has a committed offset yet: after the abort, the positions of the aborted batch must be
     forgotten, or the next transaction (here holding partition ``first`` alone) commits them for the others."""
-    monkeypatch.setattr(processor_module, "Producer", AbortFirstCommit)
+    monkeypatch.setattr(transactions_module, "Producer", AbortFirstCommit)
     data = readings(ENTITIES, 30, seed=21)
     produce(topics, topics.topics.sensors, data)
     group = f"rewind-{uuid.uuid4().hex[:8]}"
     proc = Processor(topics, ProcessorConfig(registry=registry, group_id=group, exactly_once=True))
     try:
-        proc.producer.init_transactions(30)
+        proc.txn.init()
         proc.consumer.subscribe([topics.topics.sensors], on_assign=proc._on_assign, on_revoke=proc._on_revoke)
-
-        def consume_all() -> list:
-            msgs: list = []
-            deadline = time.monotonic() + 60
-            while len(msgs) < len(data) and time.monotonic() < deadline:
-                msgs += [m for m in proc.consumer.consume(1000, 1.0) if m.error() is None]
-            return msgs
-
+        consume_all = lambda: consume_n(proc, len(data))  # noqa: E731
         msgs = consume_all()
         assert len({m.partition() for m in msgs}) == PARTITIONS
         proc._handle(msgs)  # every partition in one transaction: aborted, rewound
