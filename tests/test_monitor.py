@@ -56,6 +56,48 @@ def test_faults_pass_the_limit(fault: str) -> None:
     assert monitor.score_windows(params, window[None])[0] > 1
 
 
+def _labelled_faults(seed: int, shift_sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fault run (label 1 throughout, recorded after the fault began): feature 3 shifted by ``shift_sd`` sds."""
+    x = _segments(seed=seed, entities=1, steps=300)[0].copy()
+    x[:, 3] += shift_sd * x[:, 3].std()
+    return x, np.ones(len(x))
+
+
+def test_labelled_faults_raise_the_limits_within_the_budget() -> None:
+    normal = [(s, np.zeros(len(s))) for s in _segments(seed=1, entities=4, steps=400)]
+    entities = normal + [_labelled_faults(seed=3, shift_sd=8.0)]
+    unsupervised = monitor.fit([s for s, _ in normal], window=30)
+    params, factor = monitor.fit_supervised(entities, window=30, budget=0.01)
+    # the faults sit far above the limits: the limits rise, and every margin by the same factor
+    assert factor > 1.5
+    np.testing.assert_allclose(params.margin, np.asarray(unsupervised.margin) * factor)
+    # ... at a cost of at most 1 % of the fault windows the unsupervised limits detect
+    x = entities[-1][0]
+    before = monitor.ratios(unsupervised, monitor.statistics_of(unsupervised, [x])).max(axis=1) >= 1
+    after = monitor.ratios(params, monitor.statistics_of(params, [x])).max(axis=1) >= 1
+    assert before.mean() - after.mean() <= 0.01 + 1e-9 and after.mean() > 0.9
+    # and fewer false alarms on another seed's normal data
+    unseen = _segments(seed=2, entities=4, steps=2000)
+    assert (monitor.ratios(params, monitor.statistics_of(params, unseen)).max(axis=1) > 1).mean() <= \
+        (monitor.ratios(unsupervised, monitor.statistics_of(unsupervised, unseen)).max(axis=1) > 1).mean()
+
+
+def test_undetected_faults_leave_the_limits_alone() -> None:
+    """No evidence of headroom: "faults" that look exactly like the normal history (a copy of it) stay below the
+    limits, and the limits stay where the normal history put them."""
+    normal = [(s, np.zeros(len(s))) for s in _segments(seed=1, entities=4, steps=400)]
+    copy = normal[0][0].copy(), np.ones(400)
+    params, factor = monitor.fit_supervised(normal + [copy], window=30, budget=0.01)
+    assert factor == 1.0
+    assert params.margin == monitor.fit([s for s, _ in normal], window=30).margin
+
+
+def test_normal_stretches_are_the_label_0_runs() -> None:
+    x = np.arange(10.0)[:, None]
+    stretches = monitor.normal_stretches(x, np.array([0, 0, 1, 1, 0, 0, 0, 1, 0, 0]))
+    assert [s[:, 0].tolist() for s in stretches] == [[0, 1], [4, 5, 6], [8, 9]]
+
+
 def test_too_short_history_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 200 rows"):
         monitor.fit(_segments(seed=1, entities=3, steps=150), window=100)
