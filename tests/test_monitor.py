@@ -128,3 +128,23 @@ def test_graph_scores_equal_the_numpy_reference_with_no_loops(tmp_path: Path) ->
     assert members_out.shape == weights.shape == (len(windows), len(ensemble.member_names("forecast")))
     np.testing.assert_array_equal(members_out[:, -1], score)  # the monitor's column is the score
     assert (weights[:, -1] == 1).all()
+
+
+@pytest.mark.slow
+def test_export_parity_holds_when_the_ratio_is_large(tmp_path: Path) -> None:
+    """A monitor fitted on a narrow normal history sees the exporter's random inputs as hundreds of sds off:
+    ratios in the thousands, where float32 differences exceed 1e-4 in absolute terms but not relative ones."""
+    from fabwatch.export.onnx_export import keras_to_onnx
+    from fabwatch.models import ensemble
+
+    window, segments = 30, _segments(seed=1, entities=2, steps=300)
+    narrow = [0.01 * (s - s.mean(axis=0)) / s.std(axis=0) for s in segments]
+    params = monitor.fit(narrow, window)
+    fresh = ensemble.build(window=window, n_features=len(synth.FEATURES), task="classify", size="tiny")
+    members, gate = ensemble.members_of(fresh)
+    model = ensemble.assemble(members, gate, window, len(synth.FEATURES), "classify", monitor.layer(params))
+    report = keras_to_onnx(model, tmp_path / "model.onnx", output_names=list(ensemble.output_names("classify")),
+                           parity_samples=64)
+    score = model(np.random.default_rng(0).standard_normal((64, window, len(synth.FEATURES))).astype(np.float32))[0]
+    assert float(np.min(score)) > 1e3
+    assert report.parity_max_abs > 1e-4  # an absolute 1e-4 check would refuse this graph
