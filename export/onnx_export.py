@@ -49,8 +49,10 @@ def keras_to_onnx(model, out_path: Path, input_name: str = "window", output_name
                   sample_inputs: np.ndarray | None = None) -> ExportReport:
     """Export ``model`` (one float32 input ``[batch, *shape]``) and verify it.
 
-    Parity: max |ONNX - TF| over every output on ``parity_samples`` random inputs (or ``sample_inputs``)
-    must be within ``tolerance``. The graph must contain no Loop/Scan nodes.
+    Parity: |ONNX - TF| over every output on ``parity_samples`` random inputs (or ``sample_inputs``) must be
+    within ``tolerance``, relative where TF's value exceeds 1 (float32 keeps about 7 digits: the statistical
+    monitor's ratio reaches thousands on random inputs). The report gives the max absolute difference. The graph
+    must contain no Loop/Scan nodes.
     """
     import onnxruntime as ort
     import tf2onnx
@@ -81,10 +83,11 @@ def keras_to_onnx(model, out_path: Path, input_name: str = "window", output_name
     names = [o.name for o in session.get_outputs()]
     if output_names is not None and list(output_names) != names:
         raise ExportError(f"ONNX outputs {names} differ from the contract {list(output_names)}")
-    diff = max(float(np.max(np.abs(np.asarray(t, dtype=np.float64).reshape(o.shape) - o))) if o.size else 0.0
-               for t, o in zip(tf_out, onnx_out))
-    if diff > tolerance:
-        raise ExportError(f"ONNX/TF parity {diff:.2e} exceeds {tolerance:.0e}")
+    pairs = [(np.asarray(t, dtype=np.float64).reshape(o.shape), o) for t, o in zip(tf_out, onnx_out) if o.size]
+    diff = max((float(np.max(np.abs(t - o))) for t, o in pairs), default=0.0)
+    relative = max((float(np.max(np.abs(t - o) / np.maximum(np.abs(t), 1.0))) for t, o in pairs), default=0.0)
+    if relative > tolerance:
+        raise ExportError(f"ONNX/TF parity {relative:.2e} (relative above 1) exceeds {tolerance:.0e}")
     return ExportReport(path=out_path, op_histogram=hist, parity_max_abs=diff, outputs=names)
 
 

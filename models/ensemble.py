@@ -11,6 +11,9 @@ What ``score`` means, by task (higher is worse):
 
 - classify: the gate-weighted probability of an event, in [0, 1];
 - regress: the gate-weighted predicted delay, in minutes;
+- classify with the monitor (``train --monitor``): the monitor's ratio to its limit, as for forecast, its limits
+  raised as far as the labelled faults allow (``members.monitor.fault_factor``); the classifier members and the
+  gate still run, their probabilities in ``member_scores`` before the ratio;
 - forecast (unsupervised): the statistical monitor's ratio to its limit (``members.monitor``; 1 is the alarm
   limit). On short normal histories a neural forecaster cannot set limits that hold on the next normal day, so
   the monitor decides; the member forecasters still run, and their gate-combined squared error per feature
@@ -128,16 +131,18 @@ def check_members(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def member_names(task: Task, members: Sequence[str] = tuple(MEMBERS)) -> list[str]:
-    """The manifest's member list: the members, and for the forecast task the statistical monitor last."""
-    return [*members, monitor.NAME] if task == "forecast" else list(members)
+def member_names(task: Task, members: Sequence[str] = tuple(MEMBERS), with_monitor: bool = False) -> list[str]:
+    """The manifest's member list: the members, and for the forecast task (or ``with_monitor``) the statistical
+    monitor last."""
+    return [*members, monitor.NAME] if task == "forecast" or with_monitor else list(members)
 
 
 def assemble(members: list[keras.Model], gate: keras.Model, window: int, n_features: int,
              task: Task, stat_monitor: keras.layers.Layer | None = None) -> keras.Model:
     """Wire trained (or fresh) members and a gate into the serving model with the contract's outputs.
 
-    ``stat_monitor`` (forecast only): the fitted monitor layer, whose ratio becomes the score.
+    ``stat_monitor``: the fitted monitor layer, whose ratio becomes the score (forecast; classify with
+    ``TrainConfig.monitor``, where ``member_scores`` holds the members' probabilities, then the ratio).
     """
     inputs = keras.Input((window, n_features), name="window")
     context = DropLastStep(name="context")(inputs) if task == "forecast" else inputs

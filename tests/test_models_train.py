@@ -115,6 +115,34 @@ def test_forecast_task_trains_unsupervised_and_explains_per_feature(tmp_path: Pa
     np.testing.assert_array_equal(out.member_scores[:, -1], out.score)
 
 
+def test_monitor_decides_a_supervised_model_with_limits_raised_by_its_faults(tmp_path: Path) -> None:
+    from fabwatch.models.training.train import TrainConfig, train
+
+    path = tmp_path / "fab.csv"
+    synth.write(synth.generate(entities=2, steps=800, seed=2, anomaly_rate=0.2), path)
+    result = train(TrainConfig.quick(data=path, registry=tmp_path / "reg", window=30, epochs=1, stride=4,
+                                     monitor=True, force=True))
+    m = result.manifest
+    assert m.task == "classify" and m.members[-1] == "monitor" and len(m.members) == 6
+    factor = m.extra["monitor"]["fault_factor"]
+    assert factor >= 1.0 and "labelled faults" in m.thresholds.method and m.thresholds.alert == 1.0
+    model = ScoringModel.from_registry(tmp_path / "reg", providers=["CPUExecutionProvider"])
+    table = synth.generate(entities=1, steps=200, seed=4, anomaly_rate=0.0)
+    x = np.column_stack([table.column(f).to_numpy() for f in synth.FEATURES]).astype(np.float32)
+    out = model.predict(data.windows(x, None, 30, stride=20).x)
+    np.testing.assert_array_equal(out.member_scores[:, -1], out.score)  # the monitor decides
+    assert ((out.member_scores[:, :-1] >= 0) & (out.member_scores[:, :-1] <= 1)).all()  # the classifiers still run
+
+
+def test_monitor_needs_the_classify_task(tmp_path: Path) -> None:
+    from fabwatch.export.errors import UsageError
+    from fabwatch.models.training.train import TrainConfig, train
+
+    with pytest.raises(UsageError, match="--monitor"):
+        train(TrainConfig.quick(data=tmp_path / "none.csv", registry=tmp_path / "reg", task="forecast",
+                                label_col=None, monitor=True))
+
+
 def test_time_budget_stops_a_stage_mid_epoch() -> None:
     """A budget that has run out ends training after the batch in hand, not at the end of the epoch."""
     import time

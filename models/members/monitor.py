@@ -226,6 +226,41 @@ def fit(segments: list[np.ndarray], window: int, folds: int = FOLDS) -> MonitorP
     return params
 
 
+def normal_stretches(x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """The contiguous label-0 stretches of one entity's rows (the monitor's normal history in a labelled file)."""
+    edges = np.flatnonzero(np.diff(np.r_[0, (y <= 0).astype(np.int8), 0]))
+    return [x[s:e] for s, e in zip(edges[::2], edges[1::2])]
+
+
+def fault_factor(params: MonitorParams, entities: list[tuple[np.ndarray, np.ndarray]], budget: float) -> float:
+    """How far labelled faults let the limits rise: the factor ``c >= 1`` on every margin that gives up at most
+    ``budget`` of the fault windows (label of the last step > 0) that the unsupervised limits detect.
+
+    Why: the split-half margin sees only the drift inside the normal history; the next normal run drifts further
+    (on the Tennessee Eastman data, limits that hold on the training run alarm on 5 % of the next one). Labelled
+    faults say what headroom costs: limits rise while the lost detections stay within the false-alarm budget.
+    Without detected fault windows there is no evidence, and the factor stays 1. ``entities``: (rows, labels)
+    per entity, in time order."""
+    scores = []
+    for x, y in entities:
+        if len(x) >= params.window:
+            r = ratios(params, statistics_of(params, [x])).max(axis=1)
+            scores.append(r[y[params.window - 1:] > 0])
+    fault = np.concatenate(scores) if scores else np.empty(0)
+    detected = np.sort(fault[fault >= 1.0])
+    allowed = int(budget * len(fault))
+    return float(detected[allowed]) if allowed < len(detected) else 1.0
+
+
+def fit_supervised(entities: list[tuple[np.ndarray, np.ndarray]], window: int, budget: float,
+                   folds: int = FOLDS) -> tuple[MonitorParams, float]:
+    """The monitor from the label-0 stretches of labelled entities, its margins times :func:`fault_factor`."""
+    params = fit([s for x, y in entities for s in normal_stretches(x, y)], window, folds)
+    factor = fault_factor(params, entities, budget)
+    params.margin = (np.asarray(params.margin) * factor).tolist()
+    return params, factor
+
+
 def score_windows(params: MonitorParams, windows: np.ndarray) -> np.ndarray:
     """numpy reference of the graph: the score of each scaled window [B, W, F] -> [B]."""
     return np.array([ratios(params, statistics_of(params, [w]))[0].max() for w in windows])

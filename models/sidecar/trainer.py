@@ -415,6 +415,8 @@ class Trainer:
                                   entity_groups=None if by.by == "entity" else by.groups)
             if serving.extra.get("config", {}).get("members"):  # the serving model's members (`train --members`)
                 overrides["members"] = serving.extra["config"]["members"]
+            if serving.extra.get("config", {}).get("monitor"):  # `train --monitor`: the monitor keeps deciding
+                overrides["monitor"] = True
             try:
                 candidate_version, train_seconds = self.train_candidate(overrides)
             except UsageError as exc:

@@ -63,12 +63,14 @@ def choose_thresholds(task: Task, scores: np.ndarray, y: np.ndarray | None, *, t
     return Thresholds(alert=alert, close=CLOSE_RATIO * alert, critical=alert + CRITICAL_Z * cal["std"], method=method)
 
 
-def monitor_thresholds(scores: np.ndarray, y: np.ndarray | None) -> Thresholds:
-    """The statistical monitor's score is a ratio to limits it set on training data itself: alert at 1."""
+def monitor_thresholds(scores: np.ndarray, y: np.ndarray | None, fault_factor: float | None = None) -> Thresholds:
+    """The statistical monitor's score is a ratio to limits it set on training data itself: alert at 1.
+    ``fault_factor``: how far labelled faults raised those limits (``train --monitor``)."""
     cal = calibration(scores, normal_mask("forecast", len(scores), y))
+    raised = "" if fault_factor is None else f", times {fault_factor:.3g} that labelled faults allow"
     return Thresholds(alert=1.0, close=CLOSE_RATIO, critical=1.0 + CRITICAL_Z * cal["std"],
                       method="statistical monitor: limits at the 0.999 quantile of 5-fold out-of-fold training "
-                             "windows, times a split-half margin for drift; alert at ratio 1")
+                             f"windows, times a split-half margin for drift{raised}; alert at ratio 1")
 
 
 MIN_KEY_WINDOWS = 200   # default --threshold-min-windows: a 0.99 quantile of fewer windows rests on one or two of them

@@ -66,6 +66,8 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     nan_tolerance: float = Field(0.01, ge=0, le=1)
     target_far: float | None = Field(None, gt=0, lt=1, description="choose the threshold for this false-alarm rate")
+    monitor: bool = Field(False, description="classify: the statistical monitor decides, fitted on the label-0 rows, "
+                          "its limits raised as far as the labelled faults allow within the false-alarm budget")
     delay_alert_min: float = Field(5.0, ge=0, description="regress: a delay above this many minutes is an event")
     threshold_by: str | None = Field(None, pattern=r"^(entity|group:.+)$", description="calibrate thresholds per "
                                      "entity, or per group of entities named by a column: entity | group:COLUMN")
@@ -350,6 +352,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise UsageError("--weight-search searches out-of-fold scores: it needs --cv K")
     if cfg.cv and cfg.threshold_by:
         raise UsageError("--threshold-by calibrates on the validation split, --cv on out-of-fold scores: use one")
+    if cfg.monitor and (cfg.task != "classify" or cfg.cv):
+        raise UsageError("--monitor calibrates the statistical monitor on labelled faults: it needs --task classify "
+                         "and no --cv")
     table = data.load(cfg.data, cfg.features, cfg.label_col, cfg.task, cfg.nan_tolerance, cfg.window,
                       ts_col=cfg.ts_col, entity_col=cfg.entity_col, entity=cfg.entity,
                       group_col=_group_column(cfg) if cfg.entity_groups is None else None)
@@ -384,11 +389,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 model = with_static_weights(model, searched.weights, cfg.task)
         calibrate_with = partial(calibrate_out_of_fold, oof=oof, searched=searched, cfg=cfg)
     extra: dict[str, Any] = {}
-    if cfg.task == "forecast":
-        model, extra["monitor"] = _add_monitor(model, table, split, cfg.window)
+    if cfg.task == "forecast" or cfg.monitor:
+        model, extra["monitor"] = _add_monitor(model, table, split, cfg)
     manifest = Manifest(
         version="", created="", task=cfg.task, feature_names=split.feature_names, window=cfg.window,
-        scaler=split.scaler, members=ensemble.member_names(cfg.task, cfg.members), data_fingerprint=table.fingerprint,
+        scaler=split.scaler, members=ensemble.member_names(cfg.task, cfg.members, cfg.monitor),
+        data_fingerprint=table.fingerprint,
         drift_reference=drift.reference(table.x, split.feature_names),  # every row of the file, as readings arrive
         metrics={"training": report}, cross_validation=oof.figures if oof is not None else {},
         extra=extra | {"size": cfg.size, "parameters": ensemble.parameter_counts(model), "config": cfg.model_dump(mode="json"),
@@ -405,20 +411,34 @@ def train(cfg: TrainConfig) -> TrainResult:
                        seconds=time.perf_counter() - started)
 
 
+MONITOR_FAULT_BUDGET = 0.01  # --monitor without --target-far: the share of detected fault windows limits may give up
+
+
 def _add_monitor(model: keras.Model, table: data.Table, split: data.Split,
-                 window: int) -> tuple[keras.Model, dict[str, Any]]:
+                 cfg: TrainConfig) -> tuple[keras.Model, dict[str, Any]]:
     """Fit the statistical monitor on every row (it holds its own rows out: out-of-fold limits, split-half
-    margins) and wire it into the ensemble as the forecast task's score."""
+    margins) and wire it into the ensemble as its score. Forecast: every row is normal history. Classify with
+    ``monitor``: the label-0 rows are, and the labelled faults raise the limits (``monitor.fault_factor``)."""
     started = time.perf_counter()
+    window = cfg.window
     scaled = data.apply_scaler(table.x, split.scaler)
-    segments = [scaled[s:e].astype(np.float64) for s, e in table.entity_bounds()]
+    bounds = table.entity_bounds()
+    segments = [scaled[s:e].astype(np.float64) for s, e in bounds]
+    factor = None
     try:
-        params = monitor.fit(segments, window)
+        if cfg.task == "forecast":
+            params = monitor.fit(segments, window)
+        else:
+            assert table.y is not None  # classify always has labels
+            budget = cfg.target_far or MONITOR_FAULT_BUDGET
+            params, factor = monitor.fit_supervised([(x, table.y[s:e]) for x, (s, e) in zip(segments, bounds)],
+                                                    window, budget)
     except ValueError as exc:
         raise UsageError(f"{exc} (try a shorter --window)") from None
     members, gate = ensemble.members_of(model)
-    model = ensemble.assemble(members, gate, window, len(split.feature_names), "forecast", monitor.layer(params))
+    model = ensemble.assemble(members, gate, window, len(split.feature_names), cfg.task, monitor.layer(params))
     summary = {"statistics": params.names, "components": len(params.p[0]), "margins": params.margin,
+               "fault_factor": factor,
                "limit_quantile": monitor.LIMIT_QUANTILE, "folds": monitor.FOLDS, "rows": int(len(scaled)),
                "seconds": round(time.perf_counter() - started, 2)}
     log.info("statistical monitor: %s", summary)
@@ -434,7 +454,8 @@ def calibrate_on(onnx_path: Path, manifest: Manifest, *, split: data.Split, cfg:
     score = np.concatenate([o[0] for o in outs]).reshape(-1)
     member_scores = np.concatenate([o[1] for o in outs])
     if monitor.NAME in manifest.members:
-        manifest.thresholds = calibrate.monitor_thresholds(score, val.y)
+        manifest.thresholds = calibrate.monitor_thresholds(score, val.y,
+                                                           manifest.extra.get("monitor", {}).get("fault_factor"))
     else:
         manifest.thresholds = calibrate.choose_thresholds(cfg.task, score, val.y, target_far=cfg.target_far,
                                                           delay_alert_min=cfg.delay_alert_min)
@@ -520,7 +541,7 @@ def _warm_start(model: keras.Model, registry: Registry, feature_names: list[str]
     """Copy the current version's weights when it has the same features, task, size and window."""
     vdir, manifest = registry.resolve()
     if (manifest.feature_names, manifest.task, manifest.extra.get("size"), manifest.window, manifest.members) != (
-            feature_names, cfg.task, cfg.size, cfg.window, ensemble.member_names(cfg.task, cfg.members)):
+            feature_names, cfg.task, cfg.size, cfg.window, ensemble.member_names(cfg.task, cfg.members, cfg.monitor)):
         raise UsageError(f"cannot warm-start from {manifest.version}: its features, task, size, window or members "
                          "differ")
     current = load_keras(vdir)

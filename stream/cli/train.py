@@ -89,6 +89,11 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
                                                                       "feature, forward-filled")] = None,
           target_far: Annotated[Optional[float], typer.Option(help="threshold for this false-alarm rate "
                                                                    "instead of best F1")] = None,
+          monitor: Annotated[bool, typer.Option("--monitor", help="classify: the statistical monitor decides, "
+                                                                 "fitted on the label-0 rows, its limits raised as "
+                                                                 "far as the labelled faults allow (losing at most "
+                                                                 "--target-far, default 0.01, of their detected "
+                                                                 "windows)")] = False,
           threshold_by: Annotated[Optional[str], typer.Option(
               "--threshold-by", help="calibrate thresholds per entity or per group of entities: entity | "
                                      "group:COLUMN (COLUMN names each entity's group); unknown entities use the "
@@ -130,7 +135,7 @@ def train(data: Annotated[Path, typer.Option("--data", help="CSV, Parquet or JSO
     options = {"data": data, "registry": registry, "task": "forecast" if unsupervised else task or "classify",
                "label_col": None if unsupervised else label_col, "seed": seed, "fp16": fp16,
                "promote": not no_promote, "warm_start": warm_start, "force": force, "members": member_list,
-               "parallel_members": parallel_members,
+               "parallel_members": parallel_members, "monitor": monitor,
                "features": [f.strip() for f in features.split(",") if f.strip()] if features else None,
                **{k: v for k, v in dict(epochs=epochs, size=size, batch_size=batch_size, stride=stride,
                                         nan_tolerance=nan_tolerance, target_far=target_far, window=window, cv=cv,
